@@ -1,0 +1,1 @@
+"""Offline TFDS dataset builders."""
