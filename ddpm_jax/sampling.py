@@ -1,0 +1,255 @@
+"""Reverse-process samplers: ancestral DDPM (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021).
+
+Each chain is one ``jax.lax.scan`` over its timesteps, so tracing cost does not grow with the
+number of steps and a jitted sampler compiles once. The model enters only as
+``eps_fn(x_t, t) -> model output`` (ε, x_0 or v as ``mean_type`` says), called with the ORIGINAL
+timestep indices 0..T-1 of the full schedule, also when the chain is respaced (as
+improved-diffusion's ``_WrappedModel`` does), so a network trained on T steps needs no change.
+A class-conditional model gets its labels through the closure (``make_model_fn(..., y=labels)``):
+``sample`` itself never sees labels.
+
+``sample`` is jittable with everything but ``rng`` static, e.g.::
+
+    @jax.jit
+    def generate(params, rng):
+        eps_fn = make_model_fn(unet, params)
+        return sample(eps_fn, sched, rng, (64, 32, 32, 3), sampler="ddim", num_steps=50)
+
+Close over ``sched`` as above (a respaced chain builds its tables in float64 NumPy, so the schedule
+must be concrete); pass params as an argument so they are not baked into the program as constants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion
+
+SAMPLERS = ("ddpm", "ddim")
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Trajectory(NamedTuple):
+    """Every k-th state of a chain: ``x_t`` [F, *shape] is the input of that step (frame 0 is
+    x_T), ``pred_x0`` [F, *shape] the model's x_0 estimate there, ``timesteps`` [F] the step's
+    original timestep index."""
+
+    x_t: jax.Array
+    pred_x0: jax.Array
+    timesteps: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Respacing (Nichol & Dhariwal 2021, Sec. 4 and App. B).
+# ----------------------------------------------------------------------------------------------
+def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """``num_steps`` evenly spaced indices of 0..T-1, ascending, always including 0 and T-1.
+
+    The semantics of improved-diffusion's ``space_timesteps(T, [num_steps])`` (one section):
+    index k is round(k (T-1)/(num_steps-1)), Python's round-half-to-even of the accumulated
+    stride. One step is the single index T-1 (denoise pure noise in one go).
+    """
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
+        raise ValueError(
+            f"num_steps must be an integer in [1, {num_timesteps}] (the schedule's length), "
+            f"got {num_steps!r}."
+        )
+    if num_steps == 1:
+        return np.array([num_timesteps - 1], dtype=np.int32)
+    stride = (num_timesteps - 1) / (num_steps - 1)
+    steps, position = [], 0.0
+    for _ in range(num_steps):
+        steps.append(round(position))
+        position += stride
+    return np.array(steps, dtype=np.int32)
+
+
+def respace(sched: diffusion.Schedule, timesteps: np.ndarray) -> diffusion.Schedule:
+    """The schedule of the sub-chain on ``timesteps`` S (ascending): its ᾱ'_i = ᾱ_{S_i}, i.e.
+    β'_i = 1 - ᾱ_{S_i} / ᾱ_{S_{i-1}} with ᾱ_{S_{-1}} = 1; every other table follows from β'.
+
+    ᾱ is recomputed in float64 from the stored β, so the new tables lose no precision.
+    """
+    if isinstance(sched.betas, jax.core.Tracer):
+        raise ValueError(
+            "Respacing needs a concrete schedule: close over `sched` instead of passing it as an "
+            "argument of a jitted function, or sample all steps (num_steps=None)."
+        )
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(sched.betas, dtype=np.float64))[timesteps]
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    return diffusion.schedule_from_betas(1.0 - alphas_cumprod / alphas_cumprod_prev)
+
+
+# ----------------------------------------------------------------------------------------------
+# One reverse step of each sampler, on the (possibly respaced) schedule at chain index i.
+# ----------------------------------------------------------------------------------------------
+def _per_example(v: jax.Array, x: jax.Array) -> jax.Array:
+    """A [B] array as float32 [B, 1, ..., 1], broadcastable against x."""
+    return v.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _pred_x0(sched, model_output, x, i, mean_type, clip_denoised):
+    pred_x0 = diffusion.predict_x0(sched, model_output, x, i, mean_type)
+    return jnp.clip(pred_x0, -1.0, 1.0) if clip_denoised else pred_x0
+
+
+def _ddpm_step(sched, model_output, x, i, noise, *, mean_type, var_type, clip_denoised, eta):
+    """x_{t-1} = μ_θ(x_t, t) + σ_t z (Alg. 2, line 4), z = 0 at the last step."""
+    del eta
+    mean, _, log_variance, pred_x0 = diffusion.p_mean_variance(
+        sched, model_output, x, i,
+        mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+    )
+    return mean + _per_example(i > 0, x) * jnp.exp(0.5 * log_variance) * noise, pred_x0
+
+
+def _ddim_step(sched, model_output, x, i, noise, *, mean_type, var_type, clip_denoised, eta):
+    """Song et al. eq. 12: x_{t-1} = sqrt(ᾱ_{t-1}) x̂_0 + sqrt(1 - ᾱ_{t-1} - σ_t²) ε̂ + σ_t z with
+    σ_t² = η² (1-ᾱ_{t-1})/(1-ᾱ_t) (1 - ᾱ_t/ᾱ_{t-1}) (eq. 16), which is η² β̃_t of the chain's own
+    schedule. ε̂ is recomputed from the (clipped) x̂_0, as improved-diffusion does.
+    """
+    del var_type
+    pred_x0 = _pred_x0(sched, model_output, x, i, mean_type, clip_denoised)
+    eps = diffusion.predict_eps_from_x0(sched, x, i, pred_x0)
+    alphas_cumprod_prev = diffusion.extract(sched.alphas_cumprod_prev, i, x.shape)
+    # 1 - ᾱ_{t-1} from the float64-derived sqrt table (float32 1 - ᾱ loses digits near t = 1).
+    sqrt_one_minus_prev = diffusion.extract(
+        sched.sqrt_one_minus_alphas_cumprod, jnp.maximum(i - 1, 0), x.shape
+    )
+    one_minus_prev = jnp.where(_per_example(i > 0, x), sqrt_one_minus_prev**2, 0.0)
+    sigma2 = eta**2 * diffusion.extract(sched.posterior_variance, i, x.shape)
+    direction = jnp.sqrt(jnp.maximum(one_minus_prev - sigma2, 0.0))
+    x_prev = jnp.sqrt(alphas_cumprod_prev) * pred_x0 + direction * eps + jnp.sqrt(sigma2) * noise
+    return x_prev, pred_x0
+
+
+_STEPS = {"ddpm": _ddpm_step, "ddim": _ddim_step}
+
+
+# ----------------------------------------------------------------------------------------------
+# The chain.
+# ----------------------------------------------------------------------------------------------
+def check_sampler_args(
+    num_timesteps: int,
+    *,
+    sampler: str,
+    num_steps: int | None,
+    eta: float | jax.Array,
+    var_type: str = "fixedlarge",
+) -> None:
+    """Raise ValueError for arguments ``sample`` would reject (before anything is traced)."""
+    if sampler not in _STEPS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    if var_type not in diffusion.VAR_TYPES:
+        raise ValueError(
+            f"Unknown var_type {var_type!r}; choose one of {', '.join(diffusion.VAR_TYPES)}."
+        )
+    eta = None if isinstance(eta, jax.core.Tracer) else float(eta)  # a traced eta goes unchecked
+    if eta is not None and (eta < 0 or (sampler == "ddpm" and eta != 0)):
+        raise ValueError(
+            f"eta={eta} is invalid for sampler {sampler!r}: eta must be >= 0 and is only used by "
+            "the 'ddim' sampler (eta=1 there is ancestral sampling with fixedsmall variance)."
+        )
+    if num_steps is not None:
+        space_timesteps(num_timesteps, num_steps)
+
+
+def sample(
+    eps_fn: EpsFn,
+    sched: diffusion.Schedule,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    sampler: str = "ddpm",
+    num_steps: int | None = None,
+    eta: float | jax.Array = 0.0,
+    var_type: str = "fixedlarge",
+    clip_denoised: bool = True,
+    mean_type: str = "eps",
+    return_trajectory: bool = False,
+    trajectory_every: int | None = None,
+) -> jax.Array | tuple[jax.Array, Trajectory]:
+    """Draw float32 samples of ``shape`` [B, ...] from x_T ~ N(0, I) down to x_0.
+
+    ``sampler="ddpm"``: ancestral sampling (Alg. 2) with σ_t² = β_t ("fixedlarge") or β̃_t
+    ("fixedsmall"). ``sampler="ddim"``: DDIM with ``eta`` (0: deterministic; 1: the ancestral
+    sampler with fixedsmall variance). ``num_steps=None`` runs all T steps; otherwise the chain
+    runs on ``space_timesteps(T, num_steps)`` with the respaced schedule.
+
+    x_T comes from ``split(rng)[0]``, the noise of chain index i (``num_steps - 1`` down to 0)
+    from ``fold_in(split(rng)[1], i)``; the last step adds none. With ``return_trajectory`` also
+    returns a ``Trajectory`` of every ``trajectory_every``-th step (default: about 10 frames).
+    """
+    check_sampler_args(
+        sched.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta, var_type=var_type
+    )
+    if len(shape) < 2:
+        raise ValueError(f"shape must be [batch, ...] with at least 2 axes, got {shape}.")
+    if num_steps is None:
+        timesteps = np.arange(sched.num_timesteps, dtype=np.int32)
+    else:
+        timesteps = space_timesteps(sched.num_timesteps, num_steps)
+        sched = respace(sched, timesteps)
+    n = len(timesteps)
+    every = max(1, n // 10) if trajectory_every is None else trajectory_every
+    if every < 1:
+        raise ValueError(f"trajectory_every must be a positive integer, got {trajectory_every}.")
+    num_frames = math.ceil(n / every)
+    step_fn = _STEPS[sampler]
+    rng_init, rng_steps = jax.random.split(rng)
+    batch = shape[0]
+
+    def body(carry: tuple[Any, ...], j: jax.Array) -> tuple[tuple[Any, ...], None]:
+        x = carry[0]
+        i = n - 1 - j  # chain index, from the noisiest step down to 0
+        i_batch = jnp.full((batch,), i, dtype=jnp.int32)
+        t_model = jnp.full((batch,), jnp.asarray(timesteps)[i], dtype=jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(rng_steps, i), shape, jnp.float32)
+        x_prev, pred_x0 = step_fn(
+            sched, eps_fn(x, t_model), x, i_batch, noise,
+            mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, eta=eta,
+        )
+        if not return_trajectory:
+            return (x_prev,), None
+        frame, keep = j // every, j % every == 0
+        frames = tuple(
+            jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, new, buf[frame]), frame, 0)
+            for buf, new in zip(carry[1:], (x, pred_x0), strict=True)
+        )
+        return (x_prev, *frames), None
+
+    x_init = jax.random.normal(rng_init, shape, jnp.float32)
+    carry = (x_init,)
+    if return_trajectory:
+        carry += (jnp.zeros((num_frames, *shape), jnp.float32),) * 2
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(n, dtype=jnp.int32))
+    if not return_trajectory:
+        return carry[0]
+    frame_timesteps = jnp.asarray(timesteps[::-1][::every])
+    return carry[0], Trajectory(x_t=carry[1], pred_x0=carry[2], timesteps=frame_timesteps)
+
+
+def make_model_fn(model: Any, params: Any, y: jax.Array | None = None) -> EpsFn:
+    """``eps_fn(x_t, t) = model.apply({'params': params}, x_t, t, y=y, train=False)``.
+
+    ``y`` (int32 [B]) are the class labels of a class-conditional model (``model.num_classes``
+    set); an unconditional model takes none.
+    """
+    num_classes = getattr(model, "num_classes", None)
+    if (num_classes is None) != (y is None):
+        raise ValueError(
+            f"The model has num_classes={num_classes} but y is "
+            f"{'None' if y is None else 'given'}: pass labels y (int32 [batch]) exactly when the "
+            "model is class-conditional."
+        )
+
+    def eps_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, x_t, t, y=y, train=False)
+
+    return eps_fn
