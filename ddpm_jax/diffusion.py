@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import chex
 import flax.struct
@@ -159,6 +160,17 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
 def make_schedule(name: str = "linear", num_timesteps: int = 1000, **kwargs: float) -> Schedule:
     """A named schedule's tables, e.g. ``make_schedule("linear", 1000)`` (β from 1e-4 to 0.02)."""
     return schedule_from_betas(get_beta_schedule(name, num_timesteps, **kwargs))
+
+
+def schedule_from_config(diffusion_config: Any) -> Schedule:
+    """The schedule a config's ``diffusion`` section names (schedule, num_timesteps, beta_start,
+    beta_end)."""
+    return make_schedule(
+        diffusion_config.schedule,
+        diffusion_config.num_timesteps,
+        beta_start=diffusion_config.beta_start,
+        beta_end=diffusion_config.beta_end,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -402,3 +402,16 @@ def test_bad_inputs_raise_clear_errors(sched):
         diffusion.p_mean_variance(sched, x, x, jnp.array([1, 2]), var_type="learned")
     with pytest.raises(ValueError, match="must be positive and divide"):
         diffusion.bits_per_dim(sched, lambda a, b: a, x, jax.random.key(0), timesteps_per_chunk=7)
+
+
+def test_schedule_from_config():
+    import ml_collections
+
+    config = ml_collections.ConfigDict(
+        {"schedule": "quad", "num_timesteps": 20, "beta_start": 1e-3, "beta_end": 0.05}
+    )
+    np.testing.assert_allclose(
+        diffusion.schedule_from_config(config).betas,
+        reference_betas("quad", 20, beta_start=1e-3, beta_end=0.05).astype(np.float32),
+        rtol=1e-6,
+    )
