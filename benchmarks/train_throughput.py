@@ -1,0 +1,78 @@
+"""Throughput of the jitted train step of a config, on synthetic data.
+
+    python benchmarks/train_throughput.py --config=configs/cifar10.py
+    python benchmarks/train_throughput.py --config=configs/mnist5k.py --steps=20
+
+Runs exactly what `python -m ddpm_jax.train` runs per dispatch (the same jitted, sharded
+`multi_step`, K = config.train.steps_per_dispatch steps each) on random batches already on the
+devices, so data loading is excluded. Times `--steps` dispatches after `--warmup` ones, with
+`block_until_ready`, and prints the device, JAX version, config, compile time, steps/s, images/s.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+
+from ddpm_jax import training
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed dispatches.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed dispatches after compilation.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("Pass --config=configs/<name>.py.")
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    _, _, init, multi_step = training.make_jitted_training(config, mesh)
+    k = config.train.steps_per_dispatch
+    batch = config.data.batch_size
+    size, channels = config.data.image_size, config.data.num_channels
+    rng = jax.random.PRNGKey(0)
+    batches = {
+        "image": jax.device_put(
+            jax.random.uniform(rng, (k, batch, size, size, channels), minval=-1.0, maxval=1.0),
+            NamedSharding(mesh, P(None, "data")),
+        )
+    }
+    if config.model.get("num_classes"):
+        labels = np.arange(k * batch, dtype=np.int32).reshape(k, batch) % config.model.num_classes
+        batches["label"] = jax.device_put(labels, NamedSharding(mesh, P(None, "data")))
+
+    state = init(rng)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    acc = jax.device_put(training.zero_metrics(), NamedSharding(mesh, P()))
+    start = time.perf_counter()
+    compiled = multi_step.lower(state, acc, batches).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(_WARMUP.value):
+        state, acc = compiled(state, acc, batches)
+    jax.block_until_ready((state, acc))
+    start = time.perf_counter()
+    for _ in range(_STEPS.value):
+        state, acc = compiled(state, acc, batches)
+    jax.block_until_ready((state, acc))
+    elapsed = time.perf_counter() - start
+    steps_per_sec = _STEPS.value * k / elapsed
+    config_name = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(f"device:        {jax.device_count()} x {jax.devices()[0].device_kind} "
+          f"({jax.default_backend()}), {jax.process_count()} process(es)")
+    print(f"jax:           {jax.__version__}")
+    print(f"config:        {config_name} (batch {batch}, {size}x{size}x{channels}, "
+          f"{num_params / 1e6:.2f}M params, dtype {config.model.dtype}, {k} step(s)/dispatch)")
+    print(f"compile:       {compile_s:.1f} s")
+    print(f"steps/s:       {steps_per_sec:.3f}")
+    print(f"images/s:      {steps_per_sec * batch:.1f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,90 @@
+"""`python -m ddpm_jax.train --config=configs/cifar10.py --workdir=runs/cifar10`.
+
+With no arguments it trains the offline default, configs/mnist5k.py, into runs/mnist5k. Every
+config field can be overridden (``--config.optim.lr=1e-4``). Rerunning the same command resumes
+from the latest checkpoint in the workdir; SIGTERM/Ctrl-C save a checkpoint and exit.
+Launched as several processes (TPU pod slice, SLURM, mpirun, or JAX_COORDINATOR_ADDRESS set),
+it calls ``jax.distributed.initialize()`` first.
+"""
+
+from __future__ import annotations
+
+import logging as logging_std
+import os
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ddpm_jax import training
+
+# configs/ lives next to the package in the repository, not inside it.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist5k.py"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None,
+    "Training config file (default: the repository's configs/mnist5k.py).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory of the run (checkpoints, logs, samples); default runs/<config>."
+)
+
+
+def _is_multiprocess_launch() -> bool:
+    """Whether this process is one of several (so jax.distributed must be initialized)."""
+    env = os.environ
+
+    def count(name: str) -> int:
+        try:
+            return int(env.get(name, "1"))
+        except ValueError:
+            return 1
+
+    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or len(tpu_hosts) > 1
+        or count("SLURM_NTASKS") > 1
+        or count("OMPI_COMM_WORLD_SIZE") > 1
+    )
+
+
+def _quiet_orbax_info_logs() -> None:
+    """Orbax logs several INFO lines per save; keep its warnings, drop its chatter."""
+
+    class _Filter(logging_std.Filter):
+        def filter(self, record: logging_std.LogRecord) -> bool:
+            return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+    logging.get_absl_handler().addFilter(_Filter())
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError(
+            f"No --config given and the default {DEFAULT_CONFIG} does not exist (is ddpm_jax "
+            "installed without its repository?). Pass --config=/path/to/configs/mnist5k.py."
+        )
+    _quiet_orbax_info_logs()
+    if _is_multiprocess_launch():
+        jax.distributed.initialize()  # before anything touches the devices
+    config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+    workdir = _WORKDIR.value or os.path.join("runs", config_name)
+    logging.info(
+        "Process %d of %d, workdir %s", jax.process_index(), jax.process_count(), workdir
+    )
+    training.train_and_evaluate(_CONFIG.value, workdir)
+
+
+def run() -> None:
+    """Console-script entry point (`ddpm-train`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,591 @@
+"""The DDPM training library: train state, the sharded train step, and the training loop.
+
+One linear trainer (``train_and_evaluate``) around a pure ``train_step``:
+
+* Parallelism: ``jax.jit`` over a 1-D ('data',) ``Mesh`` of every device of every process; the
+  state is replicated, the global batch is split along its batch axis, the state is donated.
+* Objective: L_simple (Ho et al. 2020, eq. 14), t ~ U{0..T-1}, ε ~ N(0, I); the keys for t, ε and
+  dropout are ``fold_in(state.rng, step)``, so a run is a pure function of (config, step).
+* Optimizer: Adam with linear warm-up and global-norm clipping; an fp32 EMA of the params is kept
+  in the state and is what sampling and evaluation use. ``config.model.dtype`` sets the compute
+  dtype only: params, optimizer state, EMA and loss stay float32.
+* Metrics are accumulated on device and fetched once per log interval (no per-step host sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from ddpm_jax import checkpointing, diffusion, input_pipeline, sampling
+from ddpm_jax.models import unet_from_config
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+NUM_T_BINS = 4  # the loss is also reported per quarter of the t range
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# State, optimizer, schedule.
+# ----------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue, all arrays (what a checkpoint holds)."""
+
+    step: jax.Array  # int32 []: number of updates done
+    params: PyTree  # float32
+    ema_params: PyTree  # float32, decay config.train.ema_decay
+    opt_state: optax.OptState
+    rng: jax.Array  # the run's key: step s uses fold_in(rng, s)
+
+
+def learning_rate_schedule(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
+    """lr · min(step / warmup_steps, 1), as in the original code (constant without warm-up)."""
+    if optim_config.warmup_steps > 0:
+        return optax.linear_schedule(0.0, optim_config.lr, optim_config.warmup_steps)
+    return optax.constant_schedule(optim_config.lr)
+
+
+def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam on the warmed-up learning rate."""
+    adam = optax.adam(
+        learning_rate_schedule(optim_config),
+        b1=optim_config.b1,
+        b2=optim_config.b2,
+        eps=optim_config.eps,
+    )
+    if optim_config.grad_clip and optim_config.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
+    return adam
+
+
+def schedule_from_config(diffusion_config: ml_collections.ConfigDict) -> diffusion.Schedule:
+    return diffusion.make_schedule(
+        diffusion_config.schedule,
+        diffusion_config.num_timesteps,
+        beta_start=diffusion_config.beta_start,
+        beta_end=diffusion_config.beta_end,
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+) -> TrainState:
+    """Fresh params (EMA = params), optimizer state, step 0. Pure and jittable."""
+    init_rng, train_rng = jax.random.split(rng)
+    size, channels = config.data.image_size, config.data.num_channels
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if config.model.get("num_classes") else None
+    params = model.init({"params": init_rng}, x, t, y=y, train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=tx.init(params),
+        rng=train_rng,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The train step.
+# ----------------------------------------------------------------------------------------------
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    tx: optax.GradientTransformation,
+    sched: diffusion.Schedule,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
+    """``train_step(state, batch) -> (state, metrics)``: one Adam step on L_simple, then the EMA.
+
+    ``batch`` is {"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B] (optional)}.
+    ``metrics``: loss (batch mean), grad_norm (before clipping), lr, and the sum and count of the
+    per-example losses whose t falls in each quarter of 0..T-1 (``loss_by_t_sum/count`` [4]).
+    """
+    num_timesteps = sched.num_timesteps
+    lr_fn = learning_rate_schedule(config.optim)
+    decay = config.train.ema_decay
+    mean_type = config.diffusion.mean_type
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+        x0, y = batch["image"], batch.get("label")
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+        t = jax.random.randint(t_rng, x0.shape[:1], 0, num_timesteps, dtype=jnp.int32)
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+
+        def loss_fn(params: PyTree) -> tuple[jax.Array, jax.Array]:
+            def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+                return model.apply(
+                    {"params": params}, x_t, t, y=y, train=True, rngs={"dropout": dropout_rng}
+                )
+
+            losses = diffusion.training_losses(sched, model_fn, x0, t, noise, mean_type=mean_type)
+            return jnp.mean(losses), losses
+
+        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = jax.tree.map(
+            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
+        )
+        t_bin = jax.nn.one_hot(t * NUM_T_BINS // num_timesteps, NUM_T_BINS, dtype=jnp.float32)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": jnp.asarray(lr_fn(state.step), jnp.float32),
+            "loss_by_t_sum": jnp.sum(t_bin * losses[:, None], axis=0),
+            "loss_by_t_count": jnp.sum(t_bin, axis=0),
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics accumulated on device between two log lines.
+# ----------------------------------------------------------------------------------------------
+_NO_BAD_STEP = np.iinfo(np.int32).max
+
+
+def zero_metrics() -> Metrics:
+    return {
+        "steps": jnp.zeros((), jnp.int32),
+        "loss": jnp.zeros((), jnp.float32),
+        "grad_norm": jnp.zeros((), jnp.float32),
+        "lr": jnp.zeros((), jnp.float32),
+        "loss_by_t_sum": jnp.zeros((NUM_T_BINS,), jnp.float32),
+        "loss_by_t_count": jnp.zeros((NUM_T_BINS,), jnp.float32),
+        "first_nonfinite_step": jnp.asarray(_NO_BAD_STEP, jnp.int32),
+    }
+
+
+def accumulate_metrics(acc: Metrics, metrics: Metrics, step: jax.Array) -> Metrics:
+    """Adds one step's metrics (``step`` = the step count after it) to the running sums."""
+    bad = ~jnp.isfinite(metrics["loss"])
+    return {
+        "steps": acc["steps"] + 1,
+        "loss": acc["loss"] + metrics["loss"],
+        "grad_norm": acc["grad_norm"] + metrics["grad_norm"],
+        "lr": metrics["lr"],
+        "loss_by_t_sum": acc["loss_by_t_sum"] + metrics["loss_by_t_sum"],
+        "loss_by_t_count": acc["loss_by_t_count"] + metrics["loss_by_t_count"],
+        "first_nonfinite_step": jnp.where(
+            bad, jnp.minimum(acc["first_nonfinite_step"], step), acc["first_nonfinite_step"]
+        ),
+    }
+
+
+def summarize_metrics(acc: dict[str, np.ndarray]) -> dict[str, float]:
+    """Interval means of the fetched sums: loss, grad_norm, lr (last), loss_t_q{0..3}."""
+    steps = max(int(acc["steps"]), 1)
+    out = {
+        "loss": float(acc["loss"]) / steps,
+        "grad_norm": float(acc["grad_norm"]) / steps,
+        "lr": float(acc["lr"]),
+    }
+    for q in range(NUM_T_BINS):
+        if acc["loss_by_t_count"][q] > 0:
+            out[f"loss_t_q{q}"] = float(acc["loss_by_t_sum"][q] / acc["loss_by_t_count"][q])
+    return out
+
+
+def make_multi_step(
+    train_step: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]],
+) -> Callable[[TrainState, Metrics, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
+    """``(state, acc, batches [K, B, ...]) -> (state, acc)``: K train steps in one lax.scan."""
+
+    def multi_step(
+        state: TrainState, acc: Metrics, batches: dict[str, jax.Array]
+    ) -> tuple[TrainState, Metrics]:
+        def body(carry: tuple[TrainState, Metrics], batch: dict[str, jax.Array]):
+            state, acc = carry
+            state, metrics = train_step(state, batch)
+            return (state, accumulate_metrics(acc, metrics, state.step)), None
+
+        if jax.tree.leaves(batches)[0].shape[0] == 1:  # no loop: XLA:CPU runs loops slowly
+            (state, acc), _ = body((state, acc), jax.tree.map(lambda x: x[0], batches))
+            return state, acc
+        (state, acc), _ = jax.lax.scan(body, (state, acc), batches)
+        return state, acc
+
+    return multi_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples.
+# ----------------------------------------------------------------------------------------------
+def make_sample_fn(
+    config: ml_collections.ConfigDict, model: Any, sched: diffusion.Schedule, mesh: Mesh
+) -> Callable[[PyTree, jax.Array], jax.Array]:
+    """Jitted ``(params, rng) -> images [N, H, W, C]`` (replicated) with the config's sampler."""
+    sample_config = config.sample
+    n = sample_config.num_images
+    shape = (n, config.data.image_size, config.data.image_size, config.data.num_channels)
+    num_classes = config.model.get("num_classes")
+    y = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
+    batch_sharding = NamedSharding(mesh, P("data")) if n % mesh.size == 0 else None
+
+    def sample_fn(params: PyTree, rng: jax.Array) -> jax.Array:
+        eps_fn = sampling.make_model_fn(model, params, y)
+        if batch_sharding is not None:  # spread the chain's batch over the devices
+            model_fn = eps_fn
+
+            def eps_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+                return model_fn(jax.lax.with_sharding_constraint(x, batch_sharding), t)
+
+        return sampling.sample(
+            eps_fn,
+            sched,
+            rng,
+            shape,
+            sampler=sample_config.sampler,
+            num_steps=sample_config.num_steps,
+            eta=sample_config.eta,
+            var_type=config.diffusion.var_type,
+            clip_denoised=sample_config.clip_denoised,
+            mean_type=config.diffusion.mean_type,
+        )
+
+    return jax.jit(sample_fn, out_shardings=NamedSharding(mesh, P()))
+
+
+def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
+    """uint8 [rows·(H+pad)+pad, cols·(W+pad)+pad, C] grid of images in [-1, 1] (near-square)."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pixels = np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8)
+    for i, image in enumerate(pixels.astype(np.uint8)):
+        r, col = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = image
+    return grid
+
+
+def save_png(grid: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging, signals, layout.
+# ----------------------------------------------------------------------------------------------
+class _SummaryWriter:
+    """TensorBoard event files in the workdir (scalars, image grids); process 0 only.
+
+    Written with TensorFlow's core ``tf.summary.write`` and the plugin metadata that TensorBoard's
+    scalar and image dashboards read, so the ``tensorboard`` package is needed only to view them.
+    """
+
+    def __init__(self, workdir: Path):
+        self._writer = None
+        if jax.process_index() == 0:
+            import tensorflow as tf  # already a dependency of the input pipeline
+            from tensorflow.core.framework import summary_pb2
+
+            def metadata(plugin: str, data_class: int) -> summary_pb2.SummaryMetadata:
+                return summary_pb2.SummaryMetadata(
+                    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
+                    data_class=data_class,
+                )
+
+            self._tf = tf
+            self._scalar_metadata = metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+            self._image_metadata = metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+            self._writer = tf.summary.create_file_writer(str(workdir))
+
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        with self._writer.as_default():
+            for name, value in scalars.items():
+                tensor = self._tf.constant(value, self._tf.float32)
+                self._tf.summary.write(name, tensor, step=step, metadata=self._scalar_metadata)
+
+    def image(self, step: int, name: str, grid: np.ndarray) -> None:
+        """One uint8 [H, W, C] image, PNG-encoded as TensorBoard's image plugin stores it."""
+        if self._writer is None:
+            return
+        height, width = grid.shape[:2]
+        png = self._tf.io.encode_png(grid)
+        tensor = self._tf.stack([str(width), str(height), png])
+        with self._writer.as_default():
+            self._tf.summary.write(name, tensor, step=step, metadata=self._image_metadata)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag that the loop checks; the loop then saves and exits cleanly.
+
+    A second SIGINT falls through to Python's default (KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.requested = True
+        name = signal.Signals(signum).name
+        logging.warning("Received %s: saving a checkpoint and stopping.", name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def synced(self) -> bool:
+        """Whether any process was asked to stop (a collective: call it at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+        return bool(np.any(flags))
+
+
+def mesh_layout(mesh: Mesh, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "process_count": jax.process_count(),
+        "device_count": len(devices),
+        "local_device_count": jax.local_device_count(),
+        "mesh": dict(mesh.shape),
+        "devices": [str(d) for d in mesh.devices.flat],
+        "global_batch": config.data.batch_size,
+        "per_device_batch": config.data.batch_size // mesh.size,
+        "steps_per_dispatch": config.train.steps_per_dispatch,
+    }
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+    train = config.train
+    input_pipeline.check_batch_size(config.data.batch_size, jax.device_count())
+    if train.num_steps < 0 or train.steps_per_dispatch < 1:
+        raise ValueError(
+            f"config.train.num_steps={train.num_steps} must be >= 0 and "
+            f"config.train.steps_per_dispatch={train.steps_per_dispatch} >= 1."
+        )
+    for name in ("log_every", "checkpoint_every"):
+        if train[name] < 1:
+            raise ValueError(f"config.train.{name}={train[name]} must be >= 1.")
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise ValueError(f"config.train.ema_decay={train.ema_decay} must be in [0, 1).")
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled pieces (shared with benchmarks/train_throughput.py).
+# ----------------------------------------------------------------------------------------------
+def make_jitted_training(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[
+    Any,
+    diffusion.Schedule,
+    Callable[[jax.Array], TrainState],
+    Callable[[TrainState, Metrics, dict[str, jax.Array]], tuple[TrainState, Metrics]],
+]:
+    """(model, schedule, init, multi_step) for ``mesh``: ``init(rng)`` makes the replicated
+    TrainState; ``multi_step(state, acc, batches)`` runs K = batches' leading dim train steps on
+    global [K, B, ...] batches split over 'data', donating the state and the metric sums."""
+    replicated = NamedSharding(mesh, P())
+    model = unet_from_config(config.model, config.data.num_channels)
+    tx = make_optimizer(config.optim)
+    sched = schedule_from_config(config.diffusion)
+    init = jax.jit(
+        functools.partial(create_train_state, config, model, tx),
+        out_shardings=replicated,
+        # Runs once: on CPU, skip XLA's backend optimizations (compiles ~4x faster).
+        compiler_options=_FAST_COMPILE if jax.default_backend() == "cpu" else None,
+    )
+    multi_step = jax.jit(
+        make_multi_step(make_train_step(config, model, tx, sched)),
+        in_shardings=(replicated, replicated, NamedSharding(mesh, P(None, "data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0, 1),
+    )
+    return model, sched, init, multi_step
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop.
+# ----------------------------------------------------------------------------------------------
+def _global_batches(
+    data: Iterator[dict[str, np.ndarray]], k: int, sharding: NamedSharding, global_batch: int
+) -> dict[str, jax.Array]:
+    """The next k per-process batches stacked to [k, B_local, ...], as global [k, B, ...] arrays."""
+    local = [next(data) for _ in range(k)]
+    out = {}
+    for key in local[0]:
+        stacked = np.stack([b[key] for b in local])
+        global_shape = (k, global_batch, *stacked.shape[2:])
+        out[key] = jax.make_array_from_process_local_data(sharding, stacked, global_shape)
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Trains (or resumes) the run in ``workdir`` to ``config.train.num_steps``; returns the state.
+
+    Writes workdir/config.json and mesh.json, TensorBoard events, samples/<step>.png grids of EMA
+    samples, and checkpoints. Stops with FloatingPointError on a non-finite loss (no checkpoint
+    of non-finite params is ever written); SIGTERM/SIGINT save a checkpoint and return.
+    """
+    workdir = Path(workdir)
+    train_config = config.train
+    _validate(config)
+    is_main = jax.process_index() == 0
+    checkpointing.write_config(workdir, config)  # refuses an incompatible workdir
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(None, "data"))  # [K, B, ...]: split B
+    layout = mesh_layout(mesh, config)
+    if is_main:
+        (workdir / "mesh.json").write_text(json.dumps(layout, indent=2) + "\n")
+    logging.info("Devices and mesh: %s", layout)
+
+    model, sched, init, multi_step = make_jitted_training(config, mesh)
+    new_metrics = jax.jit(zero_metrics, out_shardings=replicated)
+    params_finite = jax.jit(
+        lambda s: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
+    )
+    sample_fn = make_sample_fn(config, model, sched, mesh)
+    sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A)  # same noise every grid
+    rng = jax.random.PRNGKey(config.seed)
+
+    ckpt = checkpointing.Checkpointer(
+        workdir,
+        max_to_keep=train_config.keep_checkpoints,
+        keep_period=train_config.get("keep_period") or None,
+        config=config,
+    )
+    num_steps = train_config.num_steps
+    with ckpt, _StopRequest() as stop, contextlib.closing(_SummaryWriter(workdir)) as writer:
+        step = ckpt.latest_step()
+        if step is None:
+            state, step = init(rng), 0
+        else:
+            abstract = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                jax.eval_shape(init, rng),
+            )
+            state = ckpt.restore(abstract, step)
+            logging.info("Resumed from the checkpoint at step %d in %s.", step, workdir)
+        if step >= num_steps:
+            logging.info("Step %d >= num_steps=%d: nothing to train.", step, num_steps)
+            return state
+
+        def check_finite(acc_host: dict[str, np.ndarray] | None = None) -> None:
+            bad = _NO_BAD_STEP if acc_host is None else int(acc_host["first_nonfinite_step"])
+            if bad == _NO_BAD_STEP and bool(params_finite((state.params, state.ema_params))):
+                return
+            ckpt.wait()
+            where = f"at step {bad}" if bad != _NO_BAD_STEP else f"by step {step}"
+            raise FloatingPointError(
+                f"Non-finite loss or params {where}: training stopped. The last good checkpoint "
+                f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact; lower "
+                "config.optim.lr or config.optim.grad_clip and resume from it."
+            )
+
+        def save_checkpoint() -> None:
+            check_finite(jax.device_get(acc))
+            ckpt.save(step, state, force=True)
+
+        data = input_pipeline.create_dataset(config.data, seed=config.seed, start_step=step)
+        acc = new_metrics()
+        boundaries = [train_config.log_every, train_config.checkpoint_every]
+        if train_config.sample_every:
+            boundaries.append(train_config.sample_every)
+        t_mark, paused, steps_at_mark = time.time(), 0.0, step
+        logging.info("Training from step %d to %d.", step, num_steps)
+        while step < num_steps:
+            next_stop = min([num_steps] + [(step // b + 1) * b for b in boundaries])
+            k = min(train_config.steps_per_dispatch, next_stop - step)
+            batches = _global_batches(data, k, batch_sharding, config.data.batch_size)
+            state, acc = multi_step(state, acc, batches)
+            step += k
+            at_end = step == num_steps
+
+            if step % train_config.log_every == 0 or at_end:
+                acc_host = jax.device_get(acc)
+                check_finite(acc_host)
+                summary = summarize_metrics(acc_host)
+                elapsed = max(time.time() - t_mark - paused, 1e-9)
+                steps_per_sec = (step - steps_at_mark) / elapsed
+                summary["steps_per_sec"] = steps_per_sec
+                summary["images_per_sec"] = steps_per_sec * config.data.batch_size
+                if is_main:
+                    logging.info(
+                        "step %d/%d  loss %.5f  grad_norm %.3f  lr %.3g  %.2f steps/s  "
+                        "%.1f images/s  ETA %s",
+                        step, num_steps, summary["loss"], summary["grad_norm"], summary["lr"],
+                        steps_per_sec, summary["images_per_sec"],
+                        _format_duration((num_steps - step) / max(steps_per_sec, 1e-9)),
+                    )
+                writer.scalars(step, summary)
+                acc = new_metrics()
+                t_mark, paused, steps_at_mark = time.time(), 0.0, step
+                if stop.synced():
+                    break
+            elif jax.process_count() == 1 and stop.requested:
+                break
+
+            t_pause = time.time()
+            if train_config.sample_every and (step % train_config.sample_every == 0 or at_end):
+                images = np.asarray(sample_fn(state.ema_params, sample_rng).addressable_data(0))
+                grid = image_grid(images)
+                if is_main:
+                    save_png(grid, workdir / "samples" / f"{step:08d}.png")
+                writer.image(step, "ema_samples", grid)
+            if step % train_config.checkpoint_every == 0 or at_end:
+                save_checkpoint()
+            paused += time.time() - t_pause
+
+        if step < num_steps:  # stopped by a signal
+            save_checkpoint()
+            logging.info("Saved the checkpoint at step %d; rerun the same command to resume.", step)
+    return state

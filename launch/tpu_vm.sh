@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM (single host, e.g. v3-8/v4-8) or a multi-host pod slice.
+#
+#   TPU_NAME=my-tpu ZONE=us-central2-b CONFIG=configs/cifar10.py WORKDIR=gs://bucket/runs/cifar10 \
+#     bash launch/tpu_vm.sh
+#
+# Runs the same command on every host (--worker=all); each host is one JAX process, and
+# `python -m ddpm_jax.train` calls jax.distributed.initialize() when TPU_WORKER_HOSTNAMES lists
+# several hosts. WORKDIR must be shared by all hosts (a gs:// bucket) on a pod slice. Rerunning
+# the command after a preemption resumes from the latest checkpoint in WORKDIR.
+set -euo pipefail
+
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+CONFIG="${CONFIG:-configs/cifar10.py}"
+WORKDIR="${WORKDIR:-runs/$(basename "${CONFIG}" .py)}"
+REPO_DIR="${REPO_DIR:-~/ddpm_jax}"  # where the repository is checked out on the TPU hosts
+
+gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --command="
+  set -e
+  cd ${REPO_DIR}
+  pip install -q -e '.[tpu]'
+  python -m ddpm_jax.train --config=${CONFIG} --workdir=${WORKDIR} $*
+"

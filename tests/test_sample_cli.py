@@ -1,0 +1,163 @@
+"""`python -m ddpm_jax.sample` end to end on a tiny UNet checkpoint: files, resumption, sharding,
+class labels and errors. Compiling the sampler is the cost here: each test compiles at most once.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from absl import app, flags
+from absl.testing import flagsaver
+from PIL import Image
+
+from ddpm_jax import checkpointing, sample
+from ddpm_jax.models import unet_from_config
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 8
+SETTINGS = dict(batch_size=8, sampler="ddim", num_steps=3, eta=0.0, seed=0, checkpoint_step=5)
+
+
+def tiny_config(num_classes=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(dataset="mnist5k", image_size=SIZE, num_channels=1, class_conditional=False)
+    c.model = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                   resamp_with_conv=True, num_classes=num_classes, dtype="float32")
+    c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                       mean_type="eps", var_type="fixedlarge")
+    c.sample = dict(sampler="ddpm", num_steps=None, eta=0.0, clip_denoised=True, num_images=8)
+    return c
+
+
+def random_params(config):
+    """Small random weights of the config's UNet, built from shapes only (no compilation)."""
+    model = unet_from_config(config.model, config.data.num_channels)
+    x, t = jnp.zeros((1, SIZE, SIZE, 1)), jnp.zeros((1,), jnp.int32)
+    y = None if config.model.num_classes is None else t
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, y))["params"]
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    config = tiny_config()
+    path = tmp_path_factory.mktemp("run")
+    checkpointing.save_params_checkpoint(path, random_params(config), config, step=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_out(workdir):
+    """One real `python -m ddpm_jax.sample` run on 2 devices (the tests themselves see 8)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "ddpm_jax.sample", f"--workdir={workdir}", "--num_samples=10",
+           "--batch_size=8", "--sampler=ddim", "--steps=3", "--trajectory"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "samples_ddim_3", result.stderr
+
+
+def load(path, key="arr_0"):
+    with np.load(path) as f:
+        return f[key] if key in f.files else None
+
+
+def test_cli_writes_chunks_merged_npz_grid_and_trajectory(cli_out):
+    out, log = cli_out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "grid.png", "samples.npz", "samples_00000.npz", "samples_00001.npz", "sampling.json",
+        "trajectory_pred_x0.png", "trajectory_x_t.png",
+    ]  # and no temporary files left behind
+    chunks = [load(out / f"samples_{c:05d}.npz") for c in range(2)]
+    merged = load(out / "samples.npz")
+    assert merged.shape == (10, SIZE, SIZE, 1) and merged.dtype == np.uint8
+    np.testing.assert_array_equal(merged, np.concatenate(chunks)[:10])
+    assert load(out / "samples.npz", "labels") is None
+    assert len({x.tobytes() for x in merged}) == 10  # ten different images
+    with Image.open(out / "grid.png") as grid:  # 10 images: 4 columns, 3 rows, padding 2
+        assert grid.size == (4 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
+    with Image.open(out / "trajectory_x_t.png") as strip:  # 8 rows; 3 steps + the final sample
+        assert strip.size == (4 * (SIZE + 2) + 2, 8 * (SIZE + 2) + 2)
+    assert "img/s" in log
+
+
+def test_rerun_skips_chunks_on_disk_and_is_device_count_independent(cli_out, workdir, tmp_path):
+    out, _ = cli_out
+    rerun = tmp_path / "rerun"
+    shutil.copytree(out, rerun)
+    (rerun / "samples_00001.npz").unlink()
+    (rerun / "samples.npz").unlink()
+    np.savez(rerun / "samples_00000.npz", arr_0=np.zeros((8, SIZE, SIZE, 1), np.uint8))
+    params, config, _ = checkpointing.load_ema_params(workdir)
+    sample.generate_samples(params, config, rerun, num_samples=10, **SETTINGS)
+    # Chunk 0 was skipped; chunk 1, redrawn here on 8 devices, equals the CLI's on 2 devices.
+    np.testing.assert_array_equal(load(rerun / "samples_00000.npz"), 0)
+    np.testing.assert_array_equal(
+        load(rerun / "samples_00001.npz"), load(out / "samples_00001.npz")
+    )
+    expected = np.concatenate([np.zeros((8, SIZE, SIZE, 1)), load(out / "samples_00001.npz")])
+    np.testing.assert_array_equal(load(rerun / "samples.npz"), expected[:10])
+
+
+def test_class_conditional_samples_carry_labels(tmp_path):
+    config = tiny_config(num_classes=3)
+    settings = dict(SETTINGS, sampler="ddpm", num_steps=2)
+    path = sample.generate_samples(random_params(config), config, tmp_path, num_samples=5,
+                                   **settings)
+    labels, chunk_labels = load(path, "labels"), load(tmp_path / "samples_00000.npz", "labels")
+    assert load(path).shape == (5, SIZE, SIZE, 1) and labels.shape == (5,)
+    np.testing.assert_array_equal(labels, chunk_labels[:5])
+    assert labels.dtype == np.int32 and set(chunk_labels) <= {0, 1, 2}
+    assert len(set(chunk_labels)) > 1
+
+
+def test_refuses_to_mix_settings_and_bad_batch_sizes(cli_out, workdir, tmp_path):
+    out, _ = cli_out
+    params, config, _ = checkpointing.load_ema_params(workdir)
+    with pytest.raises(ValueError, match="seed: 0 on disk != 1 now"):
+        sample.generate_samples(params, config, out, num_samples=10, **dict(SETTINGS, seed=1))
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        sample.generate_samples(params, config, tmp_path, num_samples=10,
+                                **dict(SETTINGS, batch_size=6))
+    with pytest.raises(ValueError, match="num_steps"):
+        sample.generate_samples(params, config, tmp_path, num_samples=10,
+                                **dict(SETTINGS, num_steps=0))
+    with pytest.raises(ValueError, match="eta"):
+        sample.generate_samples(params, config, tmp_path, num_samples=10,
+                                **dict(SETTINGS, sampler="ddpm", eta=0.5))
+    assert not any(tmp_path.iterdir())  # nothing written for rejected settings
+
+
+def run_main(*args):
+    with flagsaver.flagsaver():
+        flags.FLAGS(["ddpm_jax.sample", *args])
+        sample.main(["ddpm_jax.sample"])
+
+
+def test_cli_errors(workdir, tmp_path):
+    with pytest.raises(app.UsageError, match="exactly one"):
+        run_main()
+    with pytest.raises(app.UsageError, match="exactly one"):
+        run_main(f"--workdir={workdir}", f"--checkpoint={workdir}/checkpoints/5")
+    with pytest.raises(app.UsageError, match="--out"):
+        run_main(f"--checkpoint={workdir}/checkpoints/5")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_main(f"--workdir={tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        run_main(f"--workdir={tmp_path}")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir / "checkpoints", damaged / "checkpoints")
+    for f in damaged.glob("checkpoints/5/state/**/d/*"):
+        f.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Could not read a checkpoint"):
+        run_main(f"--workdir={damaged}")

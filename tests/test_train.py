@@ -1,0 +1,285 @@
+"""The training program: end to end, sharding, recompiles, resume, signals, NaN stop, refusal.
+
+In-process tests use the 8 fake CPU devices of conftest.py. The `slow` tests run the real
+command (`python -m ddpm_jax.train`) in subprocesses on 2 fake devices, sharing one persistent
+XLA compilation cache so only the first of them compiles.
+"""
+
+import importlib.util
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from ddpm_jax import checkpointing, training
+from ddpm_jax.models import unet_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    path = ROOT / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config(**train) -> ml_collections.ConfigDict:
+    config = load_config("tiny")
+    config.train.update(train)
+    return config
+
+
+class _StepLog(logging.Handler):
+    """Records each console 'step k/N' line with the number of XLA compilations so far."""
+
+    def __init__(self, compiles: list) -> None:
+        super().__init__(logging.INFO)
+        self.compiles = compiles
+        self.lines: list[tuple[str, int]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("step "):
+            self.lines.append((message, len(self.compiles)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One full train_and_evaluate of the tiny config (4 steps, log every step)."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    compiles: list[str] = []
+
+    def on_event(event: str, duration: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    handler = _StepLog(compiles)
+    absl_logger = logging.getLogger("absl")
+    old_level = absl_logger.level
+    absl_logger.setLevel(logging.INFO)
+    absl_logger.addHandler(handler)
+    try:
+        config = tiny_config(num_steps=4, log_every=1, checkpoint_every=4, sample_every=4)
+        state = training.train_and_evaluate(config, workdir)
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logger.setLevel(old_level)
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    return workdir, state, handler.lines, config
+
+
+def test_train_and_evaluate_end_to_end(tiny_run):
+    workdir, state, lines, config = tiny_run
+    assert int(state.step) == 4
+    assert [line.split()[1] for line, _ in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    for line, _ in lines:
+        loss = float(re.search(r"loss (\S+)", line).group(1))
+        assert np.isfinite(loss) and 0.0 < loss < 10.0
+        assert "steps/s" in line and "images/s" in line and "ETA" in line
+    # EMA and params differ after training, and both are finite.
+    leaves = zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params), strict=True)
+    assert any(not np.array_equal(p, e) for p, e in leaves)
+    assert checkpointing.read_config(workdir).to_dict() == config.to_dict()
+    assert '"device_count": 8' in (workdir / "mesh.json").read_text()
+    assert list((workdir / "checkpoints").iterdir()) == [workdir / "checkpoints" / "4"]
+    assert list(workdir.glob("events.out.tfevents.*"))
+    grid = np.asarray(Image.open(workdir / "samples" / "00000004.png"))
+    # 8 images of 16x16 in a 3x3 grid with 2-pixel gaps.
+    assert grid.shape == (3 * 18 + 2, 3 * 18 + 2) and grid.dtype == np.uint8
+    ema, _, step = checkpointing.load_ema_params(workdir)
+    assert step == 4
+    for saved, live in zip(jax.tree.leaves(ema), jax.tree.leaves(state.ema_params), strict=True):
+        np.testing.assert_array_equal(saved, np.asarray(live))
+
+
+def test_no_recompilation_after_the_first_step(tiny_run):
+    _, _, lines, _ = tiny_run
+    compiles_at_log = [count for _, count in lines]
+    assert compiles_at_log[0] > 0
+    assert compiles_at_log == [compiles_at_log[0]] * 4, lines
+
+
+def test_refuses_a_workdir_with_an_incompatible_config(tiny_run):
+    workdir = tiny_run[0]
+    before = (workdir / "config.json").read_text()
+    config = tiny_config()
+    config.model.ch = 64
+    with pytest.raises(ValueError, match=r"(?s)incompatible config.*model\.ch: 32 \(saved\)"):
+        training.train_and_evaluate(config, workdir)
+    assert (workdir / "config.json").read_text() == before
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["4"]
+
+
+def test_sharded_loss_equals_single_device_loss():
+    config = tiny_config()
+    model = unet_from_config(config.model, config.data.num_channels)
+    tx = training.make_optimizer(config.optim)
+    sched = training.schedule_from_config(config.diffusion)
+    step_fn = training.make_train_step(config, model, tx, sched)
+    state = training.create_train_state(config, model, tx, jax.random.PRNGKey(0))
+    state = state.replace(step=jnp.asarray(3, jnp.int32))  # non-zero lr
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 1)).astype(np.float32)
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    assert mesh.size == 8
+    sharded = jax.jit(
+        step_fn,
+        in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+    single = jax.jit(step_fn)
+    one_device = SingleDeviceSharding(jax.devices()[0])
+    state_1 = jax.device_put(state, one_device)
+    batch_1 = {"image": jax.device_put(images, one_device)}
+    new_1, metrics_1 = single(state_1, batch_1)
+    new_8, metrics_8 = sharded(state, {"image": images})
+    assert len(metrics_8["loss"].sharding.device_set) == 8
+
+    np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics_8["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
+    np.testing.assert_array_equal(metrics_8["loss_by_t_count"], metrics_1["loss_by_t_count"])
+    np.testing.assert_allclose(
+        metrics_8["loss_by_t_sum"].sum(), metrics_1["loss"] * 8, rtol=1e-5
+    )
+    for a, b in zip(jax.tree.leaves(new_8.params), jax.tree.leaves(new_1.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # lr 0 at step 1 (warm-up), then 5e29: the params of step 2 overflow the forward of step 3.
+    config = tiny_config(num_steps=4, log_every=10, checkpoint_every=1, sample_every=0)
+    config.optim.lr = 1e30
+    config.optim.warmup_steps = 2
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss .*at step 3"):
+        training.train_and_evaluate(config, tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [1, 2]
+    ema, _, step = checkpointing.load_ema_params(tmp_path)
+    assert step == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ema))
+
+
+# ----------------------------------------------------------------------------------------------
+# The real command, in subprocesses.
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def subprocess_env(tmp_path_factory):
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+    )
+    return env
+
+
+def _train_command(workdir: Path, *overrides: str, config: str = "tiny") -> list[str]:
+    return [
+        sys.executable, "-m", "ddpm_jax.train",
+        f"--config={ROOT / 'configs' / f'{config}.py'}", f"--workdir={workdir}", *overrides,
+    ]
+
+
+def _run(command: list[str], env: dict, cwd: Path = ROOT) -> str:
+    result = subprocess.run(
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def _final_state(workdir: Path, step: int) -> training.TrainState:
+    config = checkpointing.read_config(workdir)
+    model = unet_from_config(config.model, config.data.num_channels)
+    tx = training.make_optimizer(config.optim)
+    abstract = jax.eval_shape(
+        lambda: training.create_train_state(config, model, tx, jax.random.PRNGKey(0))
+    )
+    device = SingleDeviceSharding(jax.devices()[0])
+    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            abstract)
+    with checkpointing.Checkpointer(workdir) as ckpt:
+        return ckpt.restore(template, step)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, subprocess_env):
+    n = 3
+    overrides = (f"--config.train.num_steps={2 * n}", f"--config.train.checkpoint_every={n}",
+                 "--config.train.log_every=1", "--config.train.sample_every=0")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(_train_command(straight, *overrides), subprocess_env)
+
+    process = subprocess.Popen(
+        _train_command(resumed, *overrides), env=subprocess_env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (resumed / "checkpoints" / str(n)).exists():  # appears when finalized
+        assert process.poll() is None and time.time() < deadline, "no checkpoint at step n"
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (resumed / "checkpoints" / str(2 * n)).exists()
+
+    log = _run(_train_command(resumed, *overrides), subprocess_env)
+    assert f"Resumed from the checkpoint at step {n}" in log
+    a, b = _final_state(straight, 2 * n), _final_state(resumed, 2 * n)
+    assert int(a.step) == int(b.step) == 2 * n
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subprocess_env):
+    process = subprocess.Popen(
+        _train_command(tmp_path, "--config.train.num_steps=100000",
+                       "--config.train.log_every=1", "--config.train.sample_every=0"),
+        env=subprocess_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = []
+    for line in process.stderr:  # wait until training is under way
+        log.append(line)
+        if "step 2/100000" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+    log = "".join(log) + rest
+    assert process.returncode == 0, log[-3000:]
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+    assert len(steps) == 1 and steps[0] >= 2
+    assert f"Saved the checkpoint at step {steps[0]}" in log
+
+
+@pytest.mark.slow
+def test_default_command_runs_from_any_directory(tmp_path, subprocess_env):
+    """`python -m ddpm_jax.train` with no --config/--workdir (a few steps, a small grid)."""
+    overrides = ["--config.train.num_steps=2", "--config.train.log_every=1",
+                 "--config.sample.num_images=4", "--config.sample.num_steps=2"]
+    _run([sys.executable, "-m", "ddpm_jax.train", *overrides], subprocess_env, cwd=tmp_path)
+    workdir = tmp_path / "runs" / "mnist5k"
+    config = checkpointing.read_config(workdir)
+    assert config.data.dataset == "mnist5k" and config.data.image_size == 28
+    assert (workdir / "checkpoints" / "2").is_dir()
+    grid = np.asarray(Image.open(workdir / "samples" / "00000002.png"))
+    assert grid.shape == (2 * 30 + 2, 2 * 30 + 2)
