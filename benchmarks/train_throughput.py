@@ -16,15 +16,19 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from ddpm_jax import training
+from ddpm_jax import parallel, training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed dispatches.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed dispatches after compilation.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", -1, "CPU backend only: devices to split the CPU into, as ddpm_jax.train does "
+    "(-1 one per core, 0 JAX's default)."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -32,7 +36,8 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("Pass --config=configs/<name>.py.")
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    parallel.split_cpu_into_devices(config.data.batch_size, _CPU_DEVICES.value)
+    mesh = parallel.make_data_mesh()
     _, _, init, multi_step = training.make_jitted_training(config, mesh)
     k = config.train.steps_per_dispatch
     batch = config.data.batch_size

@@ -12,6 +12,7 @@ grad-norm clip 1.0, batch 128, EMA 0.9999, random horizontal flips.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "cifar10"
     data.split = "train"
-    data.data_dir = None
+    data.data_dir = placeholder(str)  # --config.data.data_dir=DIR
     data.image_size = 32
     data.num_channels = 3
     data.random_flip = True
@@ -36,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.attn_resolutions = (16,)
     model.dropout = 0.1
     model.resamp_with_conv = True
-    model.num_classes = None
+    model.num_classes = placeholder(int)  # set for class-conditional runs
     model.dtype = "float32"
 
     config.diffusion = diff = ml_collections.ConfigDict()
@@ -67,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.sampler = "ddpm"
-    sample.num_steps = None  # all 1000 steps, as in the paper
+    sample.num_steps = placeholder(int)  # None: all 1000 steps, as in the paper
     sample.eta = 0.0
     sample.clip_denoised = True
     sample.num_images = 64

@@ -13,6 +13,7 @@ EMA 0.999 and 100-step DDIM grids.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -22,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "mnist"
     data.split = "train"
-    data.data_dir = None
+    data.data_dir = placeholder(str)  # --config.data.data_dir=DIR
     data.image_size = 28
     data.num_channels = 1
     data.random_flip = False  # digits are not mirror-symmetric
@@ -37,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.attn_resolutions = (7,)
     model.dropout = 0.1
     model.resamp_with_conv = True
-    model.num_classes = None
+    model.num_classes = placeholder(int)  # set for class-conditional runs
     model.dtype = "float32"
 
     config.diffusion = diff = ml_collections.ConfigDict()

@@ -6,6 +6,7 @@ Result: none worth looking at; it exercises every part of the training program.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -15,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "mnist5k"
     data.split = "train"
-    data.data_dir = None
+    data.data_dir = placeholder(str)  # --config.data.data_dir=DIR
     data.image_size = 16
     data.num_channels = 1
     data.random_flip = False
@@ -30,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.attn_resolutions = ()
     model.dropout = 0.1
     model.resamp_with_conv = True
-    model.num_classes = None
+    model.num_classes = placeholder(int)  # set for class-conditional runs
     model.dtype = "float32"
 
     config.diffusion = diff = ml_collections.ConfigDict()

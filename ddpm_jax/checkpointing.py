@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 PyTree = Any
+PathLike = str | os.PathLike
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """An absolute local path, or a cloud path (gs://...) as is."""
+    if "://" in str(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(path))
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -62,9 +70,9 @@ def config_from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_tuplify(d))
 
 
-def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+def read_config(workdir: PathLike) -> ml_collections.ConfigDict:
     """The config saved in ``workdir/config.json``."""
-    path = Path(workdir) / CONFIG_FILE
+    path = as_path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: is it a ddpm_jax workdir?")
     return config_from_dict(json.loads(path.read_text()))
@@ -97,9 +105,9 @@ def incompatible_fields(
     return diffs
 
 
-def check_config_compatible(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+def check_config_compatible(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
     """Raises ValueError if ``workdir`` holds a run whose model, diffusion or data shape differ."""
-    if not (Path(workdir) / CONFIG_FILE).exists():
+    if not (as_path(workdir) / CONFIG_FILE).exists():
         return
     diffs = incompatible_fields(read_config(workdir), config)
     if diffs:
@@ -110,7 +118,7 @@ def check_config_compatible(workdir: str | os.PathLike, config: ml_collections.C
         )
 
 
-def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
     """Records ``config`` in ``workdir/config.json`` (process 0 writes; every process checks).
 
     Refuses (ValueError, nothing written) a workdir whose saved config is incompatible; a
@@ -119,11 +127,11 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
     check_config_compatible(workdir, config)
     if jax.process_index() != 0:
         return
-    path = Path(workdir) / CONFIG_FILE
+    path = as_path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.parent / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,18 +153,21 @@ class Checkpointer:
 
     def __init__(
         self,
-        workdir: str | os.PathLike,
+        workdir: PathLike,
         *,
         max_to_keep: int | None = 3,
         keep_period: int | None = None,
         config: ml_collections.ConfigDict | None = None,
     ):
-        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        self.directory = as_path(workdir) / CHECKPOINT_DIR
         self._config = None if config is None else config_to_dict(config)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, keep_period=keep_period, create=True
+                max_to_keep=max_to_keep,
+                keep_period=keep_period,
+                create=True,
+                cleanup_tmp_directories=True,  # half-written saves of a killed run
             ),
             item_handlers={
                 _STATE: ocp.StandardCheckpointHandler(),
@@ -225,7 +236,7 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------------
 # Params-only access (sampling, conversion).
 # ----------------------------------------------------------------------------------------------
-def _locate(path: Path) -> tuple[Path, int]:
+def _locate(path: epath.Path) -> tuple[epath.Path, int]:
     """(checkpoints dir, step) for a workdir (latest step) or one step directory."""
     if (path / _STATE).is_dir():
         if not path.name.isdigit():
@@ -242,11 +253,11 @@ def _locate(path: Path) -> tuple[Path, int]:
 
 
 def load_ema_params(
-    path: str | os.PathLike,
+    path: PathLike,
 ) -> tuple[PyTree, ml_collections.ConfigDict, int]:
     """(EMA params as NumPy arrays, the run's config, step) from a workdir's latest checkpoint or
     from one checkpoint step directory. Reads only the EMA params, not the optimizer state."""
-    ckpt_dir, step = _locate(Path(path).absolute())
+    ckpt_dir, step = _locate(as_path(path))
     manager = ocp.CheckpointManager(
         ckpt_dir,
         options=ocp.CheckpointManagerOptions(read_only=True),
@@ -281,11 +292,11 @@ def load_ema_params(
 
 
 def save_params_checkpoint(
-    workdir: str | os.PathLike,
+    workdir: PathLike,
     params: PyTree,
     config: ml_collections.ConfigDict,
     step: int = 0,
-) -> Path:
+) -> epath.Path:
     """Writes ``params`` (used as both params and EMA params) and ``config`` as a checkpoint that
     ``load_ema_params`` and ``python -m ddpm_jax.sample --workdir`` read. Returns the step dir."""
     write_config(workdir, config)

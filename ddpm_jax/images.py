@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -52,8 +53,10 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write one uint8 [H, W, C] image, C = 1 (grayscale) or 3 (RGB), as PNG."""
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"Expected a [H, W, 1 or 3] image, got shape {image.shape}.")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
+    path = epath.Path(path)  # a local path or a cloud one (gs://...)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
 
 
 def write_grid(

@@ -15,7 +15,9 @@ latest of ``--workdir``, or the step directory ``--checkpoint``) and writes, und
 Chunk c is drawn with the key fold_in(key(--seed), c), so a rerun after preemption skips the
 chunks on disk and produces the same images as an uninterrupted run; rerunning with other
 settings into the same --out is refused. Each batch is split over all devices of all processes
-(a 1-D ('data',) mesh; params replicated); the sampler is compiled once.
+(a 1-D ('data',) mesh; params replicated); the sampler is compiled once. Launched as several
+processes (or with ``--distributed``) it calls ``jax.distributed.initialize()`` first, as
+``ddpm_jax.train`` does; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import checkpointing, diffusion, images, sampling
+from ddpm_jax import checkpointing, diffusion, images, parallel, sampling
 from ddpm_jax.models import unet_from_config
 
 PyTree = Any
@@ -64,6 +66,12 @@ _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's sample.e
 _SEED = flags.DEFINE_integer("seed", 0, "Root seed; chunk c uses fold_in(key(seed), c).")
 _OUT = flags.DEFINE_string(
     "out", None, "Output directory (default: <workdir>/samples_<sampler>_<steps>)."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None,
+    "Call jax.distributed.initialize() (one process per host). Default: when the environment "
+    "shows several processes (JAX_COORDINATOR_ADDRESS, TPU_WORKER_HOSTNAMES, SLURM, Open MPI).",
+    allow_override=True,  # ddpm_jax.train defines --distributed too
 )
 _TRAJECTORY = flags.DEFINE_bool(
     "trajectory", False, "Also write the denoising film of the first samples as PNG strips."
@@ -247,7 +255,7 @@ def generate_samples(
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}.")
     out = Path(out)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    mesh = parallel.make_data_mesh()
     model = unet_from_config(config.model, config.data.num_channels)
     kw = dict(batch_size=batch_size, sampler=sampler, num_steps=num_steps, eta=eta)
     generate = make_generate_fn(model, config, mesh, **kw)
@@ -304,6 +312,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("Pass exactly one of --workdir and --checkpoint.")
     if _CHECKPOINT.value is not None and _OUT.value is None:
         raise app.UsageError("With --checkpoint, pass --out too.")
+    parallel.initialize(_DISTRIBUTED.value)  # before anything touches the devices
     params, config, step = load_checkpoint(_WORKDIR.value or _CHECKPOINT.value)
     sampler = _SAMPLER.value or config.sample.sampler
     num_steps = _STEPS.value if _STEPS.value is not None else config.sample.get("num_steps")

@@ -4,7 +4,7 @@ With no arguments it trains the offline default, configs/mnist5k.py, into runs/m
 config field can be overridden (``--config.optim.lr=1e-4``). Rerunning the same command resumes
 from the latest checkpoint in the workdir; SIGTERM/Ctrl-C save a checkpoint and exit.
 Launched as several processes (TPU pod slice, SLURM, mpirun, or JAX_COORDINATOR_ADDRESS set),
-it calls ``jax.distributed.initialize()`` first.
+or with ``--distributed``, it calls ``jax.distributed.initialize()`` first.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import training
+from ddpm_jax import parallel, training
 
 # configs/ lives next to the package in the repository, not inside it.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist5k.py"
@@ -28,28 +28,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Training config file (default: the repository's configs/mnist5k.py).",
     lock_config=True,
 )
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", -1,
+    "JAX devices to split the host CPU into (CPU backend only): -1 one per core, 0 leave JAX's "
+    "default. Ignored when XLA_FLAGS or JAX_NUM_CPU_DEVICES already set a count.",
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None,
+    "Call jax.distributed.initialize() (one process per host). Default: when the environment "
+    "shows several processes (JAX_COORDINATOR_ADDRESS, TPU_WORKER_HOSTNAMES, SLURM, Open MPI).",
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory of the run (checkpoints, logs, samples); default runs/<config>."
 )
-
-
-def _is_multiprocess_launch() -> bool:
-    """Whether this process is one of several (so jax.distributed must be initialized)."""
-    env = os.environ
-
-    def count(name: str) -> int:
-        try:
-            return int(env.get(name, "1"))
-        except ValueError:
-            return 1
-
-    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or len(tpu_hosts) > 1
-        or count("SLURM_NTASKS") > 1
-        or count("OMPI_COMM_WORLD_SIZE") > 1
-    )
 
 
 def _quiet_orbax_info_logs() -> None:
@@ -71,14 +62,16 @@ def main(argv: list[str]) -> None:
             "installed without its repository?). Pass --config=/path/to/configs/mnist5k.py."
         )
     _quiet_orbax_info_logs()
-    if _is_multiprocess_launch():
-        jax.distributed.initialize()  # before anything touches the devices
+    # Both must happen before anything touches the devices.
+    if not parallel.initialize(_DISTRIBUTED.value):
+        parallel.split_cpu_into_devices(_CONFIG.value.data.batch_size, _CPU_DEVICES.value)
     config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = _WORKDIR.value or os.path.join("runs", config_name)
     logging.info(
         "Process %d of %d, workdir %s", jax.process_index(), jax.process_count(), workdir
     )
-    training.train_and_evaluate(_CONFIG.value, workdir)
+    state = training.train_and_evaluate(_CONFIG.value, workdir)
+    logging.info("Done at step %d; workdir %s.", int(state.step), workdir)
 
 
 def run() -> None:

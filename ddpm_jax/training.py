@@ -22,7 +22,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -32,12 +31,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from PIL import Image
 
-from ddpm_jax import checkpointing, diffusion, input_pipeline, sampling
+from ddpm_jax import checkpointing, diffusion, images, input_pipeline, parallel, sampling
 from ddpm_jax.models import unet_from_config
 
 PyTree = Any
@@ -78,15 +77,6 @@ def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTra
     if optim_config.grad_clip and optim_config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
     return adam
-
-
-def schedule_from_config(diffusion_config: ml_collections.ConfigDict) -> diffusion.Schedule:
-    return diffusion.make_schedule(
-        diffusion_config.schedule,
-        diffusion_config.num_timesteps,
-        beta_start=diffusion_config.beta_start,
-        beta_end=diffusion_config.beta_end,
-    )
 
 
 def create_train_state(
@@ -156,7 +146,7 @@ def make_train_step(
         t_bin = jax.nn.one_hot(t * NUM_T_BINS // num_timesteps, NUM_T_BINS, dtype=jnp.float32)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
             "lr": jnp.asarray(lr_fn(state.step), jnp.float32),
             "loss_by_t_sum": jnp.sum(t_bin * losses[:, None], axis=0),
             "loss_by_t_count": jnp.sum(t_bin, axis=0),
@@ -277,25 +267,6 @@ def make_sample_fn(
     return jax.jit(sample_fn, out_shardings=NamedSharding(mesh, P()))
 
 
-def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
-    """uint8 [rows·(H+pad)+pad, cols·(W+pad)+pad, C] grid of images in [-1, 1] (near-square)."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    pixels = np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8)
-    for i, image in enumerate(pixels.astype(np.uint8)):
-        r, col = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = image
-    return grid
-
-
-def save_png(grid: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Logging, signals, layout.
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +277,7 @@ class _SummaryWriter:
     scalar and image dashboards read, so the ``tensorboard`` package is needed only to view them.
     """
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: epath.Path):
         self._writer = None
         if jax.process_index() == 0:
             import tensorflow as tf  # already a dependency of the input pipeline
@@ -436,7 +407,7 @@ def make_jitted_training(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple
     replicated = NamedSharding(mesh, P())
     model = unet_from_config(config.model, config.data.num_channels)
     tx = make_optimizer(config.optim)
-    sched = schedule_from_config(config.diffusion)
+    sched = diffusion.schedule_from_config(config.diffusion)
     init = jax.jit(
         functools.partial(create_train_state, config, model, tx),
         out_shardings=replicated,
@@ -468,19 +439,21 @@ def _global_batches(
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: checkpointing.PathLike
+) -> TrainState:
     """Trains (or resumes) the run in ``workdir`` to ``config.train.num_steps``; returns the state.
 
     Writes workdir/config.json and mesh.json, TensorBoard events, samples/<step>.png grids of EMA
     samples, and checkpoints. Stops with FloatingPointError on a non-finite loss (no checkpoint
     of non-finite params is ever written); SIGTERM/SIGINT save a checkpoint and return.
     """
-    workdir = Path(workdir)
+    workdir = checkpointing.as_path(workdir)
     train_config = config.train
     _validate(config)
     is_main = jax.process_index() == 0
     checkpointing.write_config(workdir, config)  # refuses an incompatible workdir
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    mesh = parallel.make_data_mesh()
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(None, "data"))  # [K, B, ...]: split B
     layout = mesh_layout(mesh, config)
@@ -540,13 +513,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         boundaries = [train_config.log_every, train_config.checkpoint_every]
         if train_config.sample_every:
             boundaries.append(train_config.sample_every)
-        t_mark, paused, steps_at_mark = time.time(), 0.0, step
+        t_mark, paused, steps_at_mark, first_dispatch = time.time(), 0.0, step, True
         logging.info("Training from step %d to %d.", step, num_steps)
         while step < num_steps:
             next_stop = min([num_steps] + [(step // b + 1) * b for b in boundaries])
             k = min(train_config.steps_per_dispatch, next_stop - step)
             batches = _global_batches(data, k, batch_sharding, config.data.batch_size)
             state, acc = multi_step(state, acc, batches)
+            if first_dispatch:  # time the compilation apart from the steps/s
+                jax.block_until_ready(state)
+                logging.info("First step (compilation included) took %.1fs.", time.time() - t_mark)
+                t_mark, steps_at_mark, first_dispatch = time.time(), step + k, False
             step += k
             at_end = step == num_steps
 
@@ -564,7 +541,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         "%.1f images/s  ETA %s",
                         step, num_steps, summary["loss"], summary["grad_norm"], summary["lr"],
                         steps_per_sec, summary["images_per_sec"],
-                        _format_duration((num_steps - step) / max(steps_per_sec, 1e-9)),
+                        _format_duration(
+                            (num_steps - step) / steps_per_sec if steps_per_sec else math.inf
+                        ),
                     )
                 writer.scalars(step, summary)
                 acc = new_metrics()
@@ -576,10 +555,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
             t_pause = time.time()
             if train_config.sample_every and (step % train_config.sample_every == 0 or at_end):
-                images = np.asarray(sample_fn(state.ema_params, sample_rng).addressable_data(0))
-                grid = image_grid(images)
+                samples = np.asarray(sample_fn(state.ema_params, sample_rng).addressable_data(0))
+                grid = images.make_grid(samples)
                 if is_main:
-                    save_png(grid, workdir / "samples" / f"{step:08d}.png")
+                    images.write_png(workdir / "samples" / f"{step:08d}.png", grid)
                 writer.image(step, "ema_samples", grid)
             if step % train_config.checkpoint_every == 0 or at_end:
                 save_checkpoint()

@@ -5,9 +5,10 @@
 #     bash launch/tpu_vm.sh
 #
 # Runs the same command on every host (--worker=all); each host is one JAX process, and
-# `python -m ddpm_jax.train` calls jax.distributed.initialize() when TPU_WORKER_HOSTNAMES lists
-# several hosts. WORKDIR must be shared by all hosts (a gs:// bucket) on a pod slice. Rerunning
-# the command after a preemption resumes from the latest checkpoint in WORKDIR.
+# --distributed makes `python -m ddpm_jax.train` call jax.distributed.initialize(), which finds
+# the other hosts through the TPU metadata (harmless on a single host). On a pod slice WORKDIR
+# must be shared by all hosts (a gs:// bucket). Rerunning the command after a preemption resumes
+# from the latest checkpoint in WORKDIR.
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
@@ -19,5 +20,5 @@ gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --com
   set -e
   cd ${REPO_DIR}
   pip install -q -e '.[tpu]'
-  python -m ddpm_jax.train --config=${CONFIG} --workdir=${WORKDIR} $*
+  python -m ddpm_jax.train --distributed --config=${CONFIG} --workdir=${WORKDIR} $*
 "

@@ -138,7 +138,7 @@ def test_params_checkpoint_is_loadable_but_not_resumable(tmp_path):
     config = _config()
     params = _state(1)["params"]
     step_dir = checkpointing.save_params_checkpoint(tmp_path, params, config, step=0)
-    assert step_dir == (tmp_path / "checkpoints" / "0").absolute()
+    assert str(step_dir) == str(tmp_path / "checkpoints" / "0")
     ema, loaded_config, step = checkpointing.load_ema_params(tmp_path)
     assert step == 0 and loaded_config.to_dict() == config.to_dict()
     _assert_trees_equal(ema, params)

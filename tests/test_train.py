@@ -6,6 +6,7 @@ XLA compilation cache so only the first of them compiles.
 """
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ddpm_jax import checkpointing, training
+from ddpm_jax import checkpointing, diffusion, training
 from ddpm_jax.models import unet_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +132,7 @@ def test_sharded_loss_equals_single_device_loss():
     config = tiny_config()
     model = unet_from_config(config.model, config.data.num_channels)
     tx = training.make_optimizer(config.optim)
-    sched = training.schedule_from_config(config.diffusion)
+    sched = diffusion.schedule_from_config(config.diffusion)
     step_fn = training.make_train_step(config, model, tx, sched)
     state = training.create_train_state(config, model, tx, jax.random.PRNGKey(0))
     state = state.replace(step=jnp.asarray(3, jnp.int32))  # non-zero lr
@@ -182,7 +183,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def subprocess_env(tmp_path_factory):
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        # conftest.py's XLA flags (e.g. the fast-compile level), but 2 fake devices.
+        XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                         env.get("XLA_FLAGS", "")) + " --xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -226,8 +229,12 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, subprocess_env):
     overrides = (f"--config.train.num_steps={2 * n}", f"--config.train.checkpoint_every={n}",
                  "--config.train.log_every=1", "--config.train.sample_every=0")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(_train_command(straight, *overrides), subprocess_env)
-
+    # The uninterrupted run and the run to be killed go side by side (compilation is one thread).
+    straight_log = tmp_path / "straight.log"
+    uninterrupted = subprocess.Popen(
+        _train_command(straight, *overrides), env=subprocess_env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=straight_log.open("w"),
+    )
     process = subprocess.Popen(
         _train_command(resumed, *overrides), env=subprocess_env, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -240,6 +247,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, subprocess_env):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (resumed / "checkpoints" / str(2 * n)).exists()
+    assert uninterrupted.wait(timeout=300) == 0, straight_log.read_text()[-3000:]
 
     log = _run(_train_command(resumed, *overrides), subprocess_env)
     assert f"Resumed from the checkpoint at step {n}" in log
@@ -273,13 +281,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subprocess_env):
 
 @pytest.mark.slow
 def test_default_command_runs_from_any_directory(tmp_path, subprocess_env):
-    """`python -m ddpm_jax.train` with no --config/--workdir (a few steps, a small grid)."""
+    """`python -m ddpm_jax.train` with no --config/--workdir (a few steps, a small grid), its
+    offline dataset built into the ``data_dir`` given on the command line."""
+    data_dir = tmp_path / "tfds"
     overrides = ["--config.train.num_steps=2", "--config.train.log_every=1",
-                 "--config.sample.num_images=4", "--config.sample.num_steps=2"]
-    _run([sys.executable, "-m", "ddpm_jax.train", *overrides], subprocess_env, cwd=tmp_path)
+                 "--config.sample.num_images=4", "--config.sample.num_steps=2",
+                 f"--config.data.data_dir={data_dir}"]
+    env = dict(subprocess_env)  # the CPU as it is: no fake device count
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env["XLA_FLAGS"])
+    _run([sys.executable, "-m", "ddpm_jax.train", *overrides], env, cwd=tmp_path)
     workdir = tmp_path / "runs" / "mnist5k"
+    # One CPU device per core (as many as divide the batch of 32).
+    cores = len(os.sched_getaffinity(0))
+    expected = max(d for d in range(1, cores + 1) if 32 % d == 0)
+    assert json.loads((workdir / "mesh.json").read_text())["device_count"] == expected
     config = checkpointing.read_config(workdir)
     assert config.data.dataset == "mnist5k" and config.data.image_size == 28
+    assert config.data.data_dir == str(data_dir) and (data_dir / "mnist5k").is_dir()
     assert (workdir / "checkpoints" / "2").is_dir()
     grid = np.asarray(Image.open(workdir / "samples" / "00000002.png"))
     assert grid.shape == (2 * 30 + 2, 2 * 30 + 2)
