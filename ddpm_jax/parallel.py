@@ -46,9 +46,9 @@ def split_cpu_into_devices(batch_size: int, count: int = -1) -> None:
     that divides ``batch_size``; 0 leaves JAX's default. Call before anything touches the devices.
 
     XLA:CPU runs much of a train step on one thread; data parallelism over per-core CPU devices
-    uses every core (1.6x the images/s of one device for configs/mnist5k.py on 2 cores). Only the
-    CPU backend is affected, and nothing changes when XLA_FLAGS or JAX_NUM_CPU_DEVICES already set
-    a count.
+    uses every core (2.3x the images/s of one device for configs/mnist5k.py on 2 cores; see
+    benchmarks/RESULTS.md). Only the CPU backend is affected, and nothing changes when XLA_FLAGS
+    or JAX_NUM_CPU_DEVICES already set a count.
     """
     if count == 0 or jax.config.jax_num_cpu_devices != -1:
         return
