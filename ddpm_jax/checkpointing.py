@@ -33,6 +33,7 @@ def as_path(path: PathLike) -> epath.Path:
         return epath.Path(path)
     return epath.Path(os.path.abspath(path))
 
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 _STATE, _META = "state", "meta"
@@ -263,26 +264,30 @@ def load_ema_params(
         options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _META: ocp.JsonCheckpointHandler()},
     )
-    tree = manager.item_metadata(step)[_STATE].tree
-    if "ema_params" not in tree:
-        raise ValueError(f"Checkpoint {ckpt_dir / str(step)} holds no ema_params: {sorted(tree)}.")
-    ema_meta = tree["ema_params"]
-    item = {"ema_params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), ema_meta)}
-    restore_args = {
-        "ema_params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ema_meta)
-    }
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            **{
-                _STATE: ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=True
-                ),
-                _META: ocp.args.JsonRestore(),
-            }
-        ),
-    )
-    manager.close()
+    try:
+        tree = manager.item_metadata(step)[_STATE].tree
+        if "ema_params" not in tree:
+            raise ValueError(
+                f"Checkpoint {ckpt_dir / str(step)} holds no ema_params: {sorted(tree)}."
+            )
+        ema_meta = tree["ema_params"]
+        item = {"ema_params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), ema_meta)}
+        restore_args = {
+            "ema_params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ema_meta)
+        }
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.PyTreeRestore(
+                        item=item, restore_args=restore_args, partial_restore=True
+                    ),
+                    _META: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+    finally:
+        manager.close()
     meta_config = restored[_META].get("config")
     if meta_config is not None:
         config = config_from_dict(meta_config)
