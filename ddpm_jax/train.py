@@ -53,6 +53,13 @@ def _quiet_orbax_info_logs() -> None:
     logging.get_absl_handler().addFilter(_Filter())
 
 
+def default_run_name(config_flag: flags.Flag) -> str:
+    """``cifar10`` for --config=configs/cifar10.py; ``mnist5k_unconditional`` for
+    --config=configs/mnist5k.py:unconditional (a config file's get_config argument)."""
+    path, _, argument = config_flags.get_config_filename(config_flag).partition(":")
+    return "_".join(filter(None, (Path(path).stem, argument)))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -65,8 +72,7 @@ def main(argv: list[str]) -> None:
     # Both must happen before anything touches the devices.
     if not parallel.initialize(_DISTRIBUTED.value):
         parallel.split_cpu_into_devices(_CONFIG.value.data.batch_size, _CPU_DEVICES.value)
-    config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
-    workdir = _WORKDIR.value or os.path.join("runs", config_name)
+    workdir = _WORKDIR.value or os.path.join("runs", default_run_name(flags.FLAGS["config"]))
     logging.info(
         "Process %d of %d, workdir %s", jax.process_index(), jax.process_count(), workdir
     )

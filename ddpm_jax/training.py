@@ -390,6 +390,14 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.train.{name}={train[name]} must be >= 1.")
     if not 0.0 <= train.ema_decay < 1.0:
         raise ValueError(f"config.train.ema_decay={train.ema_decay} must be in [0, 1).")
+    num_classes, class_conditional = config.model.get("num_classes"), config.data.class_conditional
+    if (num_classes is not None) != bool(class_conditional):
+        raise ValueError(
+            f"config.model.num_classes={num_classes} and config.data.class_conditional="
+            f"{class_conditional} disagree: a class-conditional run sets both (e.g. num_classes=10 "
+            "and class_conditional=True), an unconditional one num_classes=None and "
+            "class_conditional=False."
+        )
 
 
 # ----------------------------------------------------------------------------------------------

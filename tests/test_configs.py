@@ -38,11 +38,13 @@ def _module(name: str):
 def _num_params(config) -> int:
     model = unet_from_config(config.model, config.data.num_channels)
     size = config.data.image_size
+    t = jnp.zeros((1,), jnp.int32)
     shapes = jax.eval_shape(
         model.init,
         jax.random.PRNGKey(0),
         jnp.zeros((1, size, size, config.data.num_channels)),
-        jnp.zeros((1,), jnp.int32),
+        t,
+        t if config.model.num_classes is not None else None,  # class labels
     )
     return sum(x.size for x in jax.tree.leaves(shapes))
 
@@ -86,6 +88,33 @@ def test_the_default_config_is_mnist5k():
     assert config.data.dataset == "mnist5k"
     assert (config.data.image_size, config.data.num_channels) == (28, 1)
     assert config.diffusion.num_timesteps == 1000 and config.diffusion.schedule == "linear"
+    assert (config.model.num_classes, config.data.class_conditional) == (10, True)
+    assert config.sample.num_images == 100  # a 10x10 grid: column k shows digit k
+
+
+def test_mnist5k_unconditional_variant():
+    module = _module("mnist5k")
+    config = module.get_config("unconditional")
+    assert (config.model.num_classes, config.data.class_conditional) == (None, False)
+    config.model.num_classes = 3  # still an int field a flag can set
+    with pytest.raises(TypeError):
+        config.model.num_classes = "ten"
+    with pytest.raises(ValueError, match="variants 'conditional'.*'unconditional'"):
+        module.get_config("uncond")
+
+
+@pytest.mark.parametrize("argument, name", [
+    ("configs/cifar10.py", "cifar10"),
+    ("configs/mnist5k.py:unconditional", "mnist5k_unconditional"),
+])
+def test_default_workdir_names_the_config_and_its_variant(argument, name):
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values)
+    values(["ddpm_jax.train", f"--config={ROOT / argument}"])
+    assert train.default_run_name(values["config"]) == name
 
 
 def test_cifar10_is_the_paper_setting():

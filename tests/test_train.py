@@ -176,6 +176,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert step == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ema))
 
 
+@pytest.mark.parametrize("num_classes, class_conditional", [(10, False), (None, True)])
+def test_refuses_disagreeing_class_conditioning_fields(tmp_path, num_classes, class_conditional):
+    config = tiny_config()
+    config.model.num_classes = num_classes
+    config.data.class_conditional = class_conditional
+    message = r"num_classes=.* and config\.data\.class_conditional=.* disagree"
+    with pytest.raises(ValueError, match=message):
+        training.train_and_evaluate(config, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------------------------
 # The real command, in subprocesses.
 # ----------------------------------------------------------------------------------------------
