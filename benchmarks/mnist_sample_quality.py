@@ -24,8 +24,9 @@ import ddpm_jax.datasets  # noqa: F401  (registers mnist5k)
 _HELD_OUT = 500
 
 
-def _report(name: str, classifier: MLPClassifier, images: np.ndarray, labels: np.ndarray | None,
-            ) -> None:
+def _report(
+    name: str, classifier: MLPClassifier, images: np.ndarray, labels: np.ndarray | None
+) -> None:
     if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or images.dtype != np.uint8:
         raise ValueError(f"{name}: expected uint8 [N, 28, 28, 1] digits, got "
                          f"{images.dtype} {images.shape}.")

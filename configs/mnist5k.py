@@ -66,8 +66,8 @@ def get_config(variant: str = "conditional") -> ml_collections.ConfigDict:
     model.attn_resolutions = ()
     model.dropout = 0.0
     model.resamp_with_conv = False  # avg-pool / nearest: cheaper
-    model.num_classes = placeholder(int)  # None: unconditional
-    model.num_classes = 10 if conditional else None
+    # An int field that may be None (unconditional), so --config.model.num_classes=N works.
+    model.num_classes = ml_collections.FieldReference(10 if conditional else None, field_type=int)
     model.dtype = "float32"
 
     config.diffusion = diff = ml_collections.ConfigDict()

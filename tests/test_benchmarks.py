@@ -1,6 +1,5 @@
 """The scripts in benchmarks/ run and measure what they claim (on real data, not a model)."""
 
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import ddpm_jax.datasets  # noqa: F401  (registers mnist5k)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_mnist_sample_quality_tells_digits_from_noise(tmp_path):
+def test_mnist_sample_quality_tells_digits_from_noise(tmp_path, repo_env):
     """Real digits passed off as conditional samples score at least the held-out reference;
     uniform noise with random labels scores near chance."""
     real = tfds.as_numpy(tfds.load("mnist5k", split="train[:400]", batch_size=-1))
@@ -23,10 +22,9 @@ def test_mnist_sample_quality_tells_digits_from_noise(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(noise, rng.integers(0, 256, (500, 28, 28, 1), dtype=np.uint8),
              labels=rng.integers(0, 10, 500))
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "mnist_sample_quality.py"), str(digits),
-         str(noise)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+         str(noise)], cwd=ROOT, env=repo_env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -2,7 +2,6 @@
 class labels and errors. Compiling the sampler is the cost here: each test compiles at most once.
 """
 
-import os
 import shutil
 import subprocess
 import sys
@@ -55,20 +54,18 @@ def workdir(tmp_path_factory):
     return path
 
 
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    """`python -m ddpm_jax.sample *args` in a fresh process with extra environment ``env``."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               **env)
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`python -m ddpm_jax.sample *args` in a fresh process with environment ``env``."""
     cmd = [sys.executable, "-m", "ddpm_jax.sample", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def cli_out(workdir):
+def cli_out(workdir, repo_env):
     """One real `python -m ddpm_jax.sample` run on 2 devices (the tests themselves see 8)."""
-    result = run_cli(f"--workdir={workdir}", "--num_samples=10", "--batch_size=8",
-                     "--sampler=ddim", "--steps=3", "--trajectory",
-                     XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(repo_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = run_cli(env, f"--workdir={workdir}", "--num_samples=10", "--batch_size=8",
+                     "--sampler=ddim", "--steps=3", "--trajectory")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "samples_ddim_3", result.stderr
 
@@ -163,14 +160,14 @@ def test_cli_errors(workdir, tmp_path):
         run_main(f"--workdir={tmp_path}")
 
 
-def test_damaged_checkpoint_is_a_clear_error(workdir, tmp_path):
+def test_damaged_checkpoint_is_a_clear_error(workdir, tmp_path, repo_env):
     """In a subprocess: after a failed restore, TensorStore's in-flight reads call back into
     Orbax's closed asyncio loop from other threads, which can break the process that tried."""
     damaged = tmp_path / "damaged"
     shutil.copytree(workdir / "checkpoints", damaged / "checkpoints")
     for f in damaged.glob("checkpoints/5/state/**/d/*"):
         f.write_bytes(b"not a checkpoint")
-    result = run_cli(f"--workdir={damaged}")
+    result = run_cli(repo_env, f"--workdir={damaged}")
     assert result.returncode != 0
     assert f"Could not read a checkpoint from {damaged}:" in result.stderr
     assert not list(damaged.glob("samples_*"))

@@ -191,8 +191,8 @@ def test_refuses_disagreeing_class_conditioning_fields(tmp_path, num_classes, cl
 # The real command, in subprocesses.
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def subprocess_env(tmp_path_factory):
-    env = dict(os.environ)
+def subprocess_env(tmp_path_factory, repo_env):
+    env = dict(repo_env)
     env.update(
         # conftest.py's XLA flags (e.g. the fast-compile level), but 2 fake devices.
         XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
@@ -200,7 +200,6 @@ def subprocess_env(tmp_path_factory):
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     return env
 
