@@ -1,47 +1,22 @@
 """`python -m ddpm_jax.sample --workdir=runs/cifar10 --sampler=ddim --steps=100`.
 
 Draws ``--num_samples`` images (default 50,000, for FID) from the EMA params of a checkpoint (the
-latest of ``--workdir``, or the step directory ``--checkpoint``) and writes, under ``--out``
-(default ``<workdir>/samples_<sampler>_<steps>``):
-
-    samples_00000.npz, ...   one chunk per batch: uint8 NHWC images under "arr_0" (+ "labels")
-    samples.npz              exactly --num_samples images, "arr_0" uint8 NHWC (+ "labels"): the
-                             format FID tools read
-    grid.png                 the first 64 samples
-    trajectory_x_t.png,      with --trajectory: the denoising film of the first samples (x_t and
-    trajectory_pred_x0.png   the predicted x_0 every few steps, then the final sample)
-    sampling.json            the settings the chunks were drawn with
-
-Chunk c is drawn with the key fold_in(key(--seed), c), so a rerun after preemption skips the
-chunks on disk and produces the same images as an uninterrupted run; rerunning with other
-settings into the same --out is refused. Each batch is split over all devices of all processes
-(a 1-D ('data',) mesh; params replicated); the sampler is compiled once. Launched as several
-processes (or with ``--distributed``) it calls ``jax.distributed.initialize()`` first, as
-``ddpm_jax.train`` does; process 0 writes the files.
+latest of ``--workdir``, or the step directory ``--checkpoint``) into ``--out`` (default
+``<workdir>/samples_<sampler>_<steps>``): chunk files, the merged ``samples.npz`` (uint8 NHWC
+under "arr_0", + "labels"), ``grid.png`` and with ``--trajectory`` the denoising film; see
+``ddpm_jax.generation``. A rerun after preemption skips the chunks already on disk and gives the
+same images. Launched as several processes (or with ``--distributed``) it calls
+``jax.distributed.initialize()`` first, as ``ddpm_jax.train`` does; process 0 writes the files.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import zipfile
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
-from ddpm_jax import checkpointing, diffusion, images, parallel, sampling
-from ddpm_jax.models import unet_from_config
+from ddpm_jax import generation, parallel, sampling
 
 PyTree = Any
 
@@ -77,233 +52,6 @@ _TRAJECTORY = flags.DEFINE_bool(
     "trajectory", False, "Also write the denoising film of the first samples as PNG strips."
 )
 
-GRID_IMAGES = 64
-TRAJECTORY_ROWS = 8
-SETTINGS_FILE = "sampling.json"
-MERGED_FILE = "samples.npz"
-
-
-def chunk_path(out: str | os.PathLike, chunk: int) -> Path:
-    return Path(out) / f"samples_{chunk:05d}.npz"
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint and sampler.
-# ----------------------------------------------------------------------------------------------
-def load_checkpoint(path: str | os.PathLike) -> tuple[PyTree, ml_collections.ConfigDict, int]:
-    """(EMA params, config, step) of a workdir's latest checkpoint or of one step directory."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"Checkpoint path {path} does not exist.")
-    try:
-        return checkpointing.load_ema_params(path)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # Orbax/TensorStore errors on a damaged or foreign checkpoint
-        raise ValueError(f"Could not read a checkpoint from {path}: {e}") from e
-
-
-def make_generate_fn(
-    model: Any,
-    config: ml_collections.ConfigDict,
-    mesh: Mesh,
-    *,
-    batch_size: int,
-    sampler: str,
-    num_steps: int | None,
-    eta: float,
-    return_trajectory: bool = False,
-) -> Callable[..., tuple[jax.Array, ...]]:
-    """Jitted ``(params, root_key, chunk) -> (uint8 images [B, H, W, C], labels [B] int32)``,
-    batch split over ``mesh``'s 'data' axis, drawn with key fold_in(root_key, chunk).
-
-    Labels are uniform over the classes for a class-conditional model, else zeros. With
-    ``return_trajectory`` it also returns uint8 frames [F, 8, H, W, C] of x_t and of pred_x0.
-    """
-    if batch_size <= 0 or batch_size % mesh.size:
-        raise ValueError(
-            f"--batch_size={batch_size} must be a positive multiple of the {mesh.size} devices "
-            f"(e.g. {mesh.size * max(1, batch_size // mesh.size)})."
-        )
-    sampling.check_sampler_args(
-        config.diffusion.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta,
-        var_type=config.diffusion.var_type,
-    )
-    size, channels = config.data.image_size, config.data.num_channels
-    shape = (batch_size, size, size, channels)
-    num_classes = config.model.get("num_classes")
-    sched = diffusion.schedule_from_config(config.diffusion)
-    batch_sharding = NamedSharding(mesh, P("data"))
-
-    def generate(params: PyTree, root_key: jax.Array, chunk: jax.Array) -> tuple[jax.Array, ...]:
-        label_key, sample_key = jax.random.split(jax.random.fold_in(root_key, chunk))
-        labels = (
-            jax.random.randint(label_key, (batch_size,), 0, num_classes, jnp.int32)
-            if num_classes
-            else jnp.zeros((batch_size,), jnp.int32)
-        )
-        model_fn = sampling.make_model_fn(model, params, labels if num_classes else None)
-
-        def eps_fn(x: jax.Array, t: jax.Array) -> jax.Array:  # keep the chain's batch split
-            return model_fn(jax.lax.with_sharding_constraint(x, batch_sharding), t)
-
-        result = sampling.sample(
-            eps_fn, sched, sample_key, shape,
-            sampler=sampler, num_steps=num_steps, eta=eta,
-            var_type=config.diffusion.var_type, mean_type=config.diffusion.mean_type,
-            clip_denoised=config.sample.clip_denoised,
-            return_trajectory=return_trajectory,
-        )
-        if not return_trajectory:
-            return images.to_uint8(result), labels
-        x, traj = result
-        film = (images.to_uint8(f[:, :TRAJECTORY_ROWS]) for f in (traj.x_t, traj.pred_x0))
-        return (images.to_uint8(x), labels, *film)
-
-    out_shardings = (batch_sharding, batch_sharding)
-    if return_trajectory:
-        out_shardings += (NamedSharding(mesh, P()),) * 2
-    return jax.jit(generate, out_shardings=out_shardings)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files.
-# ----------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file and rename it, so a preempted run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Record the settings the chunks are drawn with; refuse to mix chunks of other settings."""
-    path = out / SETTINGS_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            diffs = [f"{k}: {saved.get(k)!r} on disk != {settings.get(k)!r} now"
-                     for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
-            raise ValueError(
-                f"{out} holds samples drawn with other settings ({'; '.join(diffs)}). "
-                "Pass another --out, or delete that directory to start over."
-            )
-    elif jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
-        _write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def _missing_chunks(out: Path, num_chunks: int) -> list[int]:
-    """Chunks not yet on disk, as process 0 sees them (all processes must agree)."""
-    missing = np.array([not chunk_path(out, c).exists() for c in range(num_chunks)])
-    if jax.process_count() > 1:
-        missing = multihost_utils.broadcast_one_to_all(missing)
-    return [int(c) for c in np.flatnonzero(missing)]
-
-
-def _load_chunk(out: Path, chunk: int, key: str = "arr_0") -> np.ndarray:
-    with np.load(chunk_path(out, chunk)) as f:
-        return f[key]
-
-
-def _merge(out: Path, num_chunks: int, num_samples: int, conditional: bool) -> None:
-    """Stream the chunks into samples.npz ("arr_0" uint8 [num_samples, H, W, C], + "labels"),
-    holding one chunk in memory at a time."""
-
-    def write(f: Any) -> None:
-        labels = []
-        with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-                left = num_samples
-                for c in range(num_chunks):
-                    x = _load_chunk(out, c)[:left]
-                    if c == 0:
-                        header = {"descr": "|u1", "fortran_order": False,
-                                  "shape": (num_samples, *x.shape[1:])}
-                        np.lib.format.write_array_header_1_0(member, header)
-                    member.write(np.ascontiguousarray(x).tobytes())
-                    if conditional:
-                        labels.append(_load_chunk(out, c, "labels")[:left])
-                    left -= len(x)
-            if conditional:
-                with zf.open("labels.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.concatenate(labels))
-
-    _write_atomic(out / MERGED_FILE, write)
-
-
-# ----------------------------------------------------------------------------------------------
-# The program.
-# ----------------------------------------------------------------------------------------------
-def generate_samples(
-    params: PyTree,
-    config: ml_collections.ConfigDict,
-    out: str | os.PathLike,
-    *,
-    num_samples: int,
-    batch_size: int,
-    sampler: str,
-    num_steps: int | None,
-    eta: float,
-    seed: int,
-    trajectory: bool = False,
-    checkpoint_step: int | None = None,
-) -> Path:
-    """Draw ``num_samples`` images from ``params`` into ``out`` (see the module docstring), skipping
-    chunks already there. Returns the path of samples.npz."""
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}.")
-    out = Path(out)
-    mesh = parallel.make_data_mesh()
-    model = unet_from_config(config.model, config.data.num_channels)
-    kw = dict(batch_size=batch_size, sampler=sampler, num_steps=num_steps, eta=eta)
-    generate = make_generate_fn(model, config, mesh, **kw)
-    conditional = bool(config.model.get("num_classes"))
-    _check_settings(out, dict(
-        kw, seed=seed, checkpoint_step=checkpoint_step, image_shape=[
-            config.data.image_size, config.data.image_size, config.data.num_channels],
-        num_classes=config.model.get("num_classes"), clip_denoised=config.sample.clip_denoised,
-        var_type=config.diffusion.var_type, mean_type=config.diffusion.mean_type,
-    ))
-
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    root_key = jax.random.key(seed)
-    num_chunks = math.ceil(num_samples / batch_size)
-    missing = _missing_chunks(out, num_chunks)
-    is_writer = jax.process_index() == 0
-    done = sum(min(batch_size, num_samples - c * batch_size)
-               for c in set(range(num_chunks)) - set(missing))
-    logging.info("Sampling %d images into %s (%d of %d chunks to draw) on %d devices.",
-                 num_samples, out, len(missing), num_chunks, mesh.size)
-    with tqdm(total=num_samples, initial=done, unit="img", disable=not is_writer) as bar:
-        for c in missing:
-            x, labels = multihost_utils.process_allgather(
-                generate(params, root_key, np.int32(c)), tiled=True
-            )
-            if is_writer:
-                arrays = dict(arr_0=x, labels=labels) if conditional else dict(arr_0=x)
-                _write_atomic(chunk_path(out, c), lambda f, a=arrays: np.savez(f, **a))
-            bar.update(min(batch_size, num_samples - c * batch_size))
-
-    if trajectory:
-        traj_fn = make_generate_fn(model, config, mesh, return_trajectory=True, **kw)
-        x, _, x_t, pred_x0 = multihost_utils.process_allgather(
-            traj_fn(params, root_key, np.int32(0)), tiled=True
-        )
-        if is_writer:  # each strip ends with the final samples, the first ones of samples.npz
-            for name, frames in (("x_t", x_t), ("pred_x0", pred_x0)):
-                film = np.concatenate([frames, x[None, :TRAJECTORY_ROWS]])
-                images.write_trajectory(out / f"trajectory_{name}.png", film)
-    if is_writer:
-        _merge(out, num_chunks, num_samples, conditional)
-        first = [_load_chunk(out, c)
-                 for c in range(min(num_chunks, math.ceil(GRID_IMAGES / batch_size)))]
-        images.write_grid(out / "grid.png", np.concatenate(first)[: min(GRID_IMAGES, num_samples)])
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("ddpm_jax.sample done")
-    return out / MERGED_FILE
-
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -313,19 +61,14 @@ def main(argv: list[str]) -> None:
     if _CHECKPOINT.value is not None and _OUT.value is None:
         raise app.UsageError("With --checkpoint, pass --out too.")
     parallel.initialize(_DISTRIBUTED.value)  # before anything touches the devices
-    params, config, step = load_checkpoint(_WORKDIR.value or _CHECKPOINT.value)
-    sampler = _SAMPLER.value or config.sample.sampler
-    num_steps = _STEPS.value if _STEPS.value is not None else config.sample.get("num_steps")
-    if num_steps == config.diffusion.num_timesteps:
-        num_steps = None  # all steps: the chain needs no respacing
-    if _ETA.value is not None:
-        eta = _ETA.value
-    else:  # the config's eta belongs to its DDIM sampler
-        eta = config.sample.get("eta", 0.0) if sampler == "ddim" else 0.0
+    params, config, step = generation.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value)
+    sampler, num_steps, eta = generation.sampler_settings(
+        config, _SAMPLER.value, _STEPS.value, _ETA.value
+    )
     steps_name = num_steps or config.diffusion.num_timesteps
     out = _OUT.value or os.path.join(_WORKDIR.value, f"samples_{sampler}_{steps_name}")
     logging.info("Checkpoint step %d: %s, %s steps, eta %s.", step, sampler, steps_name, eta)
-    path = generate_samples(
+    path = generation.generate_samples(
         params, config, out,
         num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, sampler=sampler,
         num_steps=num_steps, eta=eta, seed=_SEED.value, trajectory=_TRAJECTORY.value,

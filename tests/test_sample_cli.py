@@ -16,7 +16,7 @@ from absl import app, flags
 from absl.testing import flagsaver
 from PIL import Image
 
-from ddpm_jax import checkpointing, sample
+from ddpm_jax import checkpointing, generation, sample
 from ddpm_jax.models import unet_from_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def test_rerun_skips_chunks_on_disk_and_is_device_count_independent(cli_out, wor
     (rerun / "samples.npz").unlink()
     np.savez(rerun / "samples_00000.npz", arr_0=np.zeros((8, SIZE, SIZE, 1), np.uint8))
     params, config, _ = checkpointing.load_ema_params(workdir)
-    sample.generate_samples(params, config, rerun, num_samples=10, **SETTINGS)
+    generation.generate_samples(params, config, rerun, num_samples=10, **SETTINGS)
     # Chunk 0 was skipped; chunk 1, redrawn here on 8 devices, equals the CLI's on 2 devices.
     np.testing.assert_array_equal(load(rerun / "samples_00000.npz"), 0)
     np.testing.assert_array_equal(
@@ -115,7 +115,7 @@ def test_rerun_skips_chunks_on_disk_and_is_device_count_independent(cli_out, wor
 def test_class_conditional_samples_carry_labels(tmp_path):
     config = tiny_config(num_classes=3)
     settings = dict(SETTINGS, sampler="ddpm", num_steps=2)
-    path = sample.generate_samples(random_params(config), config, tmp_path, num_samples=5,
+    path = generation.generate_samples(random_params(config), config, tmp_path, num_samples=5,
                                    **settings)
     labels, chunk_labels = load(path, "labels"), load(tmp_path / "samples_00000.npz", "labels")
     assert load(path).shape == (5, SIZE, SIZE, 1) and labels.shape == (5,)
@@ -128,15 +128,15 @@ def test_refuses_to_mix_settings_and_bad_batch_sizes(cli_out, workdir, tmp_path)
     out, _ = cli_out
     params, config, _ = checkpointing.load_ema_params(workdir)
     with pytest.raises(ValueError, match="seed: 0 on disk != 1 now"):
-        sample.generate_samples(params, config, out, num_samples=10, **dict(SETTINGS, seed=1))
+        generation.generate_samples(params, config, out, num_samples=10, **dict(SETTINGS, seed=1))
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
-        sample.generate_samples(params, config, tmp_path, num_samples=10,
+        generation.generate_samples(params, config, tmp_path, num_samples=10,
                                 **dict(SETTINGS, batch_size=6))
     with pytest.raises(ValueError, match="num_steps"):
-        sample.generate_samples(params, config, tmp_path, num_samples=10,
+        generation.generate_samples(params, config, tmp_path, num_samples=10,
                                 **dict(SETTINGS, num_steps=0))
     with pytest.raises(ValueError, match="eta"):
-        sample.generate_samples(params, config, tmp_path, num_samples=10,
+        generation.generate_samples(params, config, tmp_path, num_samples=10,
                                 **dict(SETTINGS, sampler="ddpm", eta=0.5))
     assert not any(tmp_path.iterdir())  # nothing written for rejected settings
 
