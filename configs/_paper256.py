@@ -70,4 +70,17 @@ def get_config(dataset: str, num_steps: int, random_flip: bool) -> ml_collection
     sample.eta = 0.0
     sample.clip_denoised = True
     sample.num_images = 16
+    # Evaluation during training: off (every_steps=0); see cifar10.py for the cost.
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.every_steps = 0
+    ev.metrics = "fid"  # fid, is, kid or digits; the first one picks the best checkpoint
+    ev.num_samples = 10_000
+    ev.batch_size = 64
+    ev.sampler = "ddim"
+    ev.num_steps = 100
+    ev.eta = placeholder(float)  # None: the sample section's
+    ev.convention = "tf"
+    ev.reference = placeholder(str)  # None: <dataset>:<split>, the training data
+    ev.inception_weights = placeholder(str)  # None: $DDPM_JAX_INCEPTION_WEIGHTS
+    ev.keep_best = True  # EMA params of the best evaluation in <workdir>/best
     return config

@@ -102,4 +102,18 @@ def get_config(variant: str = "conditional") -> ml_collections.ConfigDict:
     sample.eta = 0.0
     sample.clip_denoised = True
     sample.num_images = 100 if conditional else 64  # conditional: column k shows digit k
+    # Evaluation at the end of the run: the offline digits metric (a classifier trained on the
+    # real mnist5k digits; not FID) of 500 samples of the sample section's sampler.
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.every_steps = 1200
+    ev.metrics = "digits"  # fid, is, kid or digits; the first one picks the best checkpoint
+    ev.num_samples = 500
+    ev.batch_size = 100
+    ev.sampler = placeholder(str)  # None: the sample section's
+    ev.num_steps = placeholder(int)
+    ev.eta = placeholder(float)
+    ev.convention = "tf"
+    ev.reference = placeholder(str)  # None: <dataset>:<split>, the training data
+    ev.inception_weights = placeholder(str)  # None: $DDPM_JAX_INCEPTION_WEIGHTS
+    ev.keep_best = True  # EMA params of the best evaluation in <workdir>/best
     return config

@@ -66,4 +66,17 @@ def get_config() -> ml_collections.ConfigDict:
     sample.eta = 0.0
     sample.clip_denoised = True
     sample.num_images = 8
+    # Evaluation during training: off (tests turn it on).
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.every_steps = 0
+    ev.metrics = "digits"  # fid, is, kid or digits; the first one picks the best checkpoint
+    ev.num_samples = 16
+    ev.batch_size = 8
+    ev.sampler = placeholder(str)
+    ev.num_steps = placeholder(int)
+    ev.eta = placeholder(float)  # None: the sample section's
+    ev.convention = "tf"
+    ev.reference = placeholder(str)  # None: <dataset>:<split>, the training data
+    ev.inception_weights = placeholder(str)  # None: $DDPM_JAX_INCEPTION_WEIGHTS
+    ev.keep_best = True  # EMA params of the best evaluation in <workdir>/best
     return config

@@ -310,3 +310,42 @@ def save_params_checkpoint(
             raise FileExistsError(f"{ckpt.directory / str(step)} exists; refusing to overwrite it.")
         ckpt.save(step, {"params": params, "ema_params": params}, force=True)
         return ckpt.directory / str(step)
+
+
+# ----------------------------------------------------------------------------------------------
+# The best checkpoint by an evaluation figure.
+# ----------------------------------------------------------------------------------------------
+BEST_DIR = "best"
+BEST_RECORD = "best.json"
+
+
+def update_best(
+    workdir: PathLike,
+    step: int,
+    ema_params: PyTree,
+    config: ml_collections.ConfigDict,
+    metric: str,
+    value: float,
+    lower_is_better: bool,
+) -> bool:
+    """Keeps ``ema_params`` as ``workdir/best`` (a params-only workdir that sample and evaluate
+    read) when ``value`` beats the recorded best; returns whether it did. Every process calls it
+    (the save is collective); ``best/best.json`` records metric, value and step."""
+    best = as_path(workdir) / BEST_DIR
+    record_path = best / BEST_RECORD
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("metric") == metric:
+            old = record["value"]
+            if (value >= old) if lower_is_better else (value <= old):
+                return False
+    if not np.isfinite(value):
+        return False
+    write_config(best, config)
+    with Checkpointer(best, max_to_keep=1, config=config) as ckpt:
+        ckpt.save(step, {"params": ema_params, "ema_params": ema_params}, force=True)
+    if jax.process_index() == 0:
+        tmp = best / (BEST_RECORD + ".tmp")
+        tmp.write_text(json.dumps({"metric": metric, "value": value, "step": int(step)}) + "\n")
+        tmp.replace(record_path)
+    return True

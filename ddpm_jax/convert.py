@@ -1,6 +1,8 @@
-"""Import published DDPM weights from the diffusers `UNet2DModel` layout.
+"""Import published DDPM weights from the diffusers `UNet2DModel` layout, and convert the FID
+Inception-v3 weights to an .npz that hosts without torch can read.
 
     python -m ddpm_jax.convert --diffusers PATH --out DIR
+    python -m ddpm_jax.convert --inception pt_inception-2015-12-05-6726825d.pth --out FILE.npz
 
 PATH is a folder with `config.json` and `diffusion_pytorch_model.safetensors` (or `.bin`, which
 needs torch), e.g. a download of `google/ddpm-cifar10-32`, or a saved pipeline holding `unet/`.
@@ -11,6 +13,9 @@ any other layout, any shape mismatch and any missing or unused tensor is refused
 DIR receives a params-only checkpoint that `python -m ddpm_jax.sample --workdir DIR` uses.
 
 `convert_diffusers_state` is the pure conversion (NumPy state dict -> Flax params).
+
+--inception reads pytorch-fid's FID Inception weights (needs torch) and writes the .npz that
+`ddpm_jax.metrics.inception.load_variables` reads (see `convert_weights` there).
 """
 
 from __future__ import annotations
@@ -335,9 +340,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ddpm_jax.convert",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--diffusers", required=True, help="folder of a saved UNet2DModel")
-    parser.add_argument("--out", required=True, help="new workdir for the converted checkpoint")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--diffusers", help="folder of a saved UNet2DModel")
+    source.add_argument("--inception", help="pytorch-fid's FID Inception-v3 weights (.pth)")
+    parser.add_argument("--out", required=True, help="new workdir for the converted checkpoint "
+                        "(--diffusers), or the .npz file to write (--inception)")
     args = parser.parse_args(argv)
+
+    if args.inception is not None:
+        from ddpm_jax.metrics import inception
+
+        try:
+            out = inception.convert_weights(args.inception, args.out)
+        except (ValueError, OSError, ImportError) as e:
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
+        print(f"Converted the FID Inception-v3 weights {args.inception} to {out}.")
+        return
 
     from ddpm_jax import checkpointing
 

@@ -296,3 +296,37 @@ def _batches(
                     ) from e
                 raise
             epoch += 1
+
+
+def iterate_split(
+    data_config: ml_collections.ConfigDict, split: str, batch_size: int
+) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+    """(number of examples, one ordered pass over ``split``) for evaluation: every example once,
+    unshuffled and unflipped, preprocessed like training data but kept as 8 bits.
+
+    Yields {"image": uint8 [b, S, S, C], "label": int32 [b] (if the dataset has labels)} with
+    b = batch_size except in the last batch. Every process reads the whole split.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive.")
+    data_config = ml_collections.ConfigDict(dict(data_config.to_dict(), split=split))
+    builder = get_builder(data_config)
+    _check(builder, data_config)
+    size, num_channels = data_config.image_size, data_config.num_channels
+    label = dict(builder.info.features.items()).get("label")
+    has_label = isinstance(label, tfds.features.ClassLabel)
+
+    def example_fn(example: dict) -> dict:
+        image = center_crop_resize(example["image"], size)
+        if image.shape[-1] != num_channels:  # grayscale data for an RGB model, as in training
+            image = tf.tile(image, [1, 1, num_channels])
+        out = {"image": image}
+        if has_label:
+            out["label"] = tf.cast(example["label"], tf.int32)
+        return out
+
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    num_examples = int(ds.cardinality())
+    ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return num_examples, iter(tfds.as_numpy(ds))

@@ -31,12 +31,20 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import checkpointing, diffusion, images, input_pipeline, parallel, sampling
+from ddpm_jax import (
+    checkpointing,
+    diffusion,
+    evaluation,
+    images,
+    input_pipeline,
+    parallel,
+    sampling,
+    summary,
+)
 from ddpm_jax.models import unet_from_config
 
 PyTree = Any
@@ -270,54 +278,6 @@ def make_sample_fn(
 # ----------------------------------------------------------------------------------------------
 # Logging, signals, layout.
 # ----------------------------------------------------------------------------------------------
-class _SummaryWriter:
-    """TensorBoard event files in the workdir (scalars, image grids); process 0 only.
-
-    Written with TensorFlow's core ``tf.summary.write`` and the plugin metadata that TensorBoard's
-    scalar and image dashboards read, so the ``tensorboard`` package is needed only to view them.
-    """
-
-    def __init__(self, workdir: epath.Path):
-        self._writer = None
-        if jax.process_index() == 0:
-            import tensorflow as tf  # already a dependency of the input pipeline
-            from tensorflow.core.framework import summary_pb2
-
-            def metadata(plugin: str, data_class: int) -> summary_pb2.SummaryMetadata:
-                return summary_pb2.SummaryMetadata(
-                    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
-                    data_class=data_class,
-                )
-
-            self._tf = tf
-            self._scalar_metadata = metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
-            self._image_metadata = metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
-            self._writer = tf.summary.create_file_writer(str(workdir))
-
-    def scalars(self, step: int, scalars: dict[str, float]) -> None:
-        if self._writer is None:
-            return
-        with self._writer.as_default():
-            for name, value in scalars.items():
-                tensor = self._tf.constant(value, self._tf.float32)
-                self._tf.summary.write(name, tensor, step=step, metadata=self._scalar_metadata)
-
-    def image(self, step: int, name: str, grid: np.ndarray) -> None:
-        """One uint8 [H, W, C] image, PNG-encoded as TensorBoard's image plugin stores it."""
-        if self._writer is None:
-            return
-        height, width = grid.shape[:2]
-        png = self._tf.io.encode_png(grid)
-        tensor = self._tf.stack([str(width), str(height), png])
-        with self._writer.as_default():
-            self._tf.summary.write(name, tensor, step=step, metadata=self._image_metadata)
-        self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
 class _StopRequest:
     """SIGTERM / SIGINT set a flag that the loop checks; the loop then saves and exits cleanly.
 
@@ -432,6 +392,36 @@ def make_jitted_training(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation during training.
+# ----------------------------------------------------------------------------------------------
+def _evaluate_and_log(
+    evaluate: Callable[[PyTree, int], tuple[dict[str, float], evaluation.Protocol]],
+    ema_params: PyTree,
+    step: int,
+    config: ml_collections.ConfigDict,
+    workdir: checkpointing.PathLike,
+    writer: summary.SummaryWriter,
+) -> None:
+    """config.eval's figures of the EMA params: console, TensorBoard, eval/<step>_<tag>.json, and
+    workdir/best when the headline figure improved."""
+    t0 = time.time()
+    metrics, protocol = evaluate(ema_params, step)
+    logging.info("Evaluation at step %d (%.0fs): %s", step, time.time() - t0,
+                 evaluation.describe(metrics, protocol))
+    writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    evaluation.write_results(
+        checkpointing.as_path(workdir) / "eval" / f"{step}_{protocol.tag()}.json",
+        [(metrics, protocol)],
+    )
+    if config.eval.get("keep_best", True):
+        name, lower = evaluation.HEADLINE[evaluation.parse_metrics(config.eval.metrics)[0]]
+        params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), ema_params)
+        if checkpointing.update_best(workdir, step, params, config, name, metrics[name], lower):
+            logging.info("New best %s %.4g at step %d: kept in %s/%s.", name, metrics[name], step,
+                         workdir, checkpointing.BEST_DIR)
+
+
+# ----------------------------------------------------------------------------------------------
 # The training loop.
 # ----------------------------------------------------------------------------------------------
 def _global_batches(
@@ -475,6 +465,7 @@ def train_and_evaluate(
         lambda s: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
     )
     sample_fn = make_sample_fn(config, model, sched, mesh)
+    evaluate = evaluation.make_training_evaluator(config, model, mesh)  # checks config.eval
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A)  # same noise every grid
     rng = jax.random.PRNGKey(config.seed)
 
@@ -485,7 +476,7 @@ def train_and_evaluate(
         config=config,
     )
     num_steps = train_config.num_steps
-    with ckpt, _StopRequest() as stop, contextlib.closing(_SummaryWriter(workdir)) as writer:
+    with ckpt, _StopRequest() as stop, contextlib.closing(summary.SummaryWriter(workdir)) as writer:
         step = ckpt.latest_step()
         if step is None:
             state, step = init(rng), 0
@@ -518,9 +509,9 @@ def train_and_evaluate(
 
         data = input_pipeline.create_dataset(config.data, seed=config.seed, start_step=step)
         acc = new_metrics()
+        eval_every = config.eval.every_steps if evaluate is not None else 0
         boundaries = [train_config.log_every, train_config.checkpoint_every]
-        if train_config.sample_every:
-            boundaries.append(train_config.sample_every)
+        boundaries += [b for b in (train_config.sample_every, eval_every) if b]
         t_mark, paused, steps_at_mark, first_dispatch = time.time(), 0.0, step, True
         logging.info("Training from step %d to %d.", step, num_steps)
         while step < num_steps:
@@ -538,22 +529,22 @@ def train_and_evaluate(
             if step % train_config.log_every == 0 or at_end:
                 acc_host = jax.device_get(acc)
                 check_finite(acc_host)
-                summary = summarize_metrics(acc_host)
+                scalars = summarize_metrics(acc_host)
                 elapsed = max(time.time() - t_mark - paused, 1e-9)
                 steps_per_sec = (step - steps_at_mark) / elapsed
-                summary["steps_per_sec"] = steps_per_sec
-                summary["images_per_sec"] = steps_per_sec * config.data.batch_size
+                scalars["steps_per_sec"] = steps_per_sec
+                scalars["images_per_sec"] = steps_per_sec * config.data.batch_size
                 if is_main:
                     logging.info(
                         "step %d/%d  loss %.5f  grad_norm %.3f  lr %.3g  %.2f steps/s  "
                         "%.1f images/s  ETA %s",
-                        step, num_steps, summary["loss"], summary["grad_norm"], summary["lr"],
-                        steps_per_sec, summary["images_per_sec"],
+                        step, num_steps, scalars["loss"], scalars["grad_norm"], scalars["lr"],
+                        steps_per_sec, scalars["images_per_sec"],
                         _format_duration(
                             (num_steps - step) / steps_per_sec if steps_per_sec else math.inf
                         ),
                     )
-                writer.scalars(step, summary)
+                writer.scalars(step, scalars)
                 acc = new_metrics()
                 t_mark, paused, steps_at_mark = time.time(), 0.0, step
                 if stop.synced():
@@ -570,6 +561,8 @@ def train_and_evaluate(
                 writer.image(step, "ema_samples", grid)
             if step % train_config.checkpoint_every == 0 or at_end:
                 save_checkpoint()
+            if eval_every and (step % eval_every == 0 or at_end):
+                _evaluate_and_log(evaluate, state.ema_params, step, config, workdir, writer)
             paused += time.time() - t_pause
 
         if step < num_steps:  # stopped by a signal

@@ -3,6 +3,7 @@ XLA's cheapest CPU back-end optimisation level (tiny test programs spend far lon
 than running; this cuts compile time about 3x). Also the environment for subprocess tests."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One cache (digits classifier, reference statistics) for the session and its subprocesses, so the
+# classifier trains once, and never the user's ~/.cache.
+os.environ["DDPM_JAX_CACHE"] = tempfile.mkdtemp(prefix="ddpm_jax_test_cache_")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ SCHEMA = {
     "train": {"num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_period",
               "sample_every", "ema_decay", "steps_per_dispatch"},
     "sample": {"sampler", "num_steps", "eta", "clip_denoised", "num_images"},
+    "eval": {"every_steps", "metrics", "num_samples", "batch_size", "sampler", "num_steps", "eta",
+             "convention", "reference", "inception_weights", "keep_best"},
 }
 
 
