@@ -13,7 +13,9 @@ Scores a run the way the literature does (see ``ddpm_jax.evaluation``):
 4. writes ``<workdir>/eval/<step>_<protocol>.json`` (or ``<samples>.eval.json``) and TensorBoard
    scalars under ``<workdir>/eval``, and prints one line per figure saying what it means.
 
-The CIFAR-10 paper protocol (FID 3.17, IS 9.46):
+With only ``--reference`` and ``--image_size`` it computes the reference statistics (cached under
+``$DDPM_JAX_CACHE/reference``) and prints their path. The CIFAR-10 paper protocol (FID 3.17,
+IS 9.46):
     python -m ddpm_jax.evaluate --workdir=runs/cifar10 --metrics=fid,is,kid \
         --num_samples=50000 --sampler=ddpm --steps=1000 --reference=cifar10:train
 """
@@ -72,6 +74,12 @@ _FEATURE_BATCH = flags.DEFINE_integer("feature_batch_size", 200,
                                       "Inception batch (a multiple of the devices).")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Cache of reference statistics and the digits "
                                  "classifier (default: $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "With only --reference: the model's image size (TFDS and folder images "
+    "are center-cropped and resized to it, as for training).",
+)
+_NUM_CHANNELS = flags.DEFINE_integer("num_channels", 3, "With only --reference: 1 or 3.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "With only --reference: the TFDS data_dir.")
 _BPD_SPLIT = flags.DEFINE_string("bpd_split", "test", "Data split of the bpd metric.")
 _BPD_NUM_IMAGES = flags.DEFINE_integer("bpd_num_images", None, "Only the first N images of "
                                        "--bpd_split (default: all).")
@@ -102,6 +110,30 @@ def _score_samples(scorer: evaluation.SampleScorer, path: Path) -> None:
     scorer.add_all(with_labels(), count)
 
 
+def _reference_only() -> None:
+    """Computes (or finds in the cache) the reference statistics and prints where they are."""
+    import ml_collections
+
+    from ddpm_jax.metrics import inception, reference
+
+    parallel.initialize(_DISTRIBUTED.value)
+    data_config = ml_collections.ConfigDict(dict(
+        dataset="", split="train", data_dir=_DATA_DIR.value, image_size=_IMAGE_SIZE.value,
+        num_channels=_NUM_CHANNELS.value,
+    ))
+    extractor = evaluation.inception_extractor(
+        inception.load_variables(_INCEPTION_WEIGHTS.value), _CONVENTION.value,
+        parallel.make_data_mesh(), _FEATURE_BATCH.value,
+    )
+    ref = reference.get_reference(_REFERENCE.value, data_config, extractor, _CONVENTION.value,
+                                  need_features=True, cache_dir=_CACHE_DIR.value)
+    path = reference.cache_path(_REFERENCE.value, _IMAGE_SIZE.value, _CONVENTION.value,
+                                _CACHE_DIR.value or reference.cache_root())
+    if jax.process_index() == 0:
+        print(f"Reference statistics of {ref.description} ({ref.metadata.get('num_images')} "
+              f"images, {_CONVENTION.value} convention): {path}")
+
+
 def main(argv: list[str]) -> None:
     """Runs the evaluation; a bad input or a missing file ends it with one message, no traceback."""
     try:
@@ -117,7 +149,10 @@ def _evaluate(argv: list[str]) -> None:
     if len(sources) > 1:
         raise app.UsageError("Pass at most one of --workdir and --checkpoint.")
     if not sources and _SAMPLES.value is None:
-        raise app.UsageError("Pass --workdir (or --checkpoint), or --samples=FILE.npz.")
+        if _REFERENCE.value is not None and _IMAGE_SIZE.value is not None:
+            return _reference_only()
+        raise app.UsageError("Pass --workdir (or --checkpoint), or --samples=FILE.npz; or, to "
+                             "compute reference statistics only, --reference and --image_size.")
     if _CHECKPOINT.value is not None and _OUT.value is None:
         raise app.UsageError("With --checkpoint, pass --out too.")
     try:

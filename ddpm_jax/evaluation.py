@@ -84,6 +84,17 @@ class Protocol:
         return "_".join(parts)
 
 
+def inception_extractor(
+    variables: PyTree, convention: str, mesh: Mesh, batch_size: int
+) -> features_lib.FeatureExtractor:
+    """The FID Inception under ``convention`` as a sharded extractor of ``batch_size`` images."""
+    from ddpm_jax.metrics import inception
+
+    return features_lib.FeatureExtractor(
+        inception.make_inception_fn(variables, convention), mesh, batch_size
+    )
+
+
 class SampleScorer:
     """Feed uint8 samples batch by batch (``add``); ``result()`` gives the requested metrics.
 
@@ -112,13 +123,8 @@ class SampleScorer:
         if any(m in INCEPTION_METRICS for m in self.metrics):
             from ddpm_jax.metrics import inception
 
-            if convention not in inception.CONVENTIONS:
-                raise ValueError(
-                    f"Unknown convention {convention!r}: use one of {inception.CONVENTIONS}."
-                )
-            variables = inception.load_variables(inception_weights)
-            self._extractor = features_lib.FeatureExtractor(
-                inception.make_inception_fn(variables, convention), mesh, feature_batch_size
+            self._extractor = inception_extractor(
+                inception.load_variables(inception_weights), convention, mesh, feature_batch_size
             )
             if "fid" in self.metrics or "kid" in self.metrics:
                 self.reference = reference_lib.get_reference(
@@ -195,14 +201,17 @@ class SampleScorer:
 
     def protocol(self, **sampling_settings: Any) -> Protocol:
         """The Protocol of the samples scored so far, with the given sampler settings."""
-        inception_used = self._extractor is not None
+        reference, reference_images = None, None
+        if self.reference is not None:
+            reference = self.reference.description
+            reference_images = self.reference.metadata.get("num_images")
+        elif "digits" in self.metrics:  # digits_fd compares with every real mnist5k digit
+            reference, reference_images = "mnist5k:train", 5000
         return Protocol(
             num_samples=self._count,
-            convention=self.convention if inception_used else None,
-            reference=self.reference.description if self.reference else None,
-            reference_images=(int(self.reference.metadata["num_images"])
-                              if self.reference and "num_images" in self.reference.metadata
-                              else None),
+            convention=self.convention if self._extractor is not None else None,
+            reference=reference,
+            reference_images=None if reference_images is None else int(reference_images),
             **sampling_settings,
         )
 
@@ -221,16 +230,18 @@ def write_results(
         os.replace(path + ".tmp", path)
 
 
+_LABELS = {"fid": "FID", "is": "IS", "kid": "KID", "bpd": "bits/dim", "digits_fd": "digits FD",
+           "digits_accuracy": "label accuracy", "class_coverage": "class coverage"}
+
+
 def describe(metrics: dict[str, float], protocol: Protocol) -> str:
     """One line a person reads, e.g. 'FID 3.17  IS 9.46 ± 0.11 (50000 samples, ddpm 1000
     steps, tf convention, vs cifar10:train [50000 images], checkpoint 800000)'."""
     shown = []
-    for name, value in metrics.items():
-        if name.endswith("_std") or name == "kid_subset_size":
-            continue
-        std = metrics.get(f"{name}_std")
-        label = {"fid": "FID", "is": "IS", "kid": "KID", "bpd": "bits/dim"}.get(name, name)
-        shown.append(f"{label} {value:.4g}" + (f" ± {std:.2g}" if std is not None else ""))
+    for name, label in _LABELS.items():
+        if name in metrics:
+            std = metrics.get(f"{name}_std")
+            shown.append(f"{label} {metrics[name]:.4g}" + (f" ± {std:.2g}" if std else ""))
     context = [f"{protocol.num_samples} samples"]
     if protocol.sampler:
         context.append(f"{protocol.sampler} {protocol.num_steps} steps")
@@ -242,6 +253,12 @@ def describe(metrics: dict[str, float], protocol: Protocol) -> str:
     if protocol.checkpoint_step is not None:
         context.append(f"checkpoint {protocol.checkpoint_step}")
     return "  ".join(shown) + f" ({', '.join(context)})"
+
+
+def read_results(path: str | os.PathLike) -> list[tuple[dict[str, float], Protocol]]:
+    """The [(metrics, protocol)] of a results file written by ``write_results``."""
+    with open(path) as f:
+        return [(r["metrics"], Protocol(**r["protocol"])) for r in json.load(f)]
 
 
 # ----------------------------------------------------------------------------------------------

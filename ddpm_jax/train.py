@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import parallel, training
+from ddpm_jax import evaluation, parallel, training
 
 # configs/ lives next to the package in the repository, not inside it.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist5k.py"
@@ -77,7 +77,11 @@ def main(argv: list[str]) -> None:
         "Process %d of %d, workdir %s", jax.process_index(), jax.process_count(), workdir
     )
     state = training.train_and_evaluate(_CONFIG.value, workdir)
-    logging.info("Done at step %d; workdir %s.", int(state.step), workdir)
+    step = int(state.step)
+    logging.info("Done at step %d; workdir %s.", step, workdir)
+    for path in sorted(Path(workdir, "eval").glob(f"{step}_*.json")):
+        for metrics, protocol in evaluation.read_results(path):
+            logging.info("Quality: %s; %s", evaluation.describe(metrics, protocol), path)
 
 
 def run() -> None:

@@ -189,3 +189,18 @@ def test_training_evaluates_and_keeps_the_best(tmp_path, monkeypatch):
         jax.tree.map(np.testing.assert_array_equal, params,
                      jax.tree.map(np.asarray, state.ema_params))
     assert os.path.isdir(tmp_path / "checkpoints" / "4")
+
+
+def test_reference_statistics_alone(inception_weights, tmp_path, repo_env):
+    images = np.random.default_rng(2).integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", images)
+    result = run_cli(repo_env, f"--reference={tmp_path / 'real.npz'}", "--image_size=8",
+                     f"--inception_weights={inception_weights}", "--feature_batch_size=8",
+                     f"--cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = Path(result.stdout.strip().splitlines()[-1].rpartition(": ")[2])
+    assert path.parent == tmp_path / "cache" / "reference"
+    mu, sigma, meta = statistics.load_statistics(path)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    assert meta == dict(source=str(tmp_path / "real.npz"), convention="tf", num_images=9,
+                        image_size=8, feature="inception-2048")
