@@ -278,20 +278,36 @@ def load_diffusers_model(path: str | Path) -> tuple[dict[str, np.ndarray], dict[
     raise FileNotFoundError(f"Neither {_SAFETENSORS} nor {_TORCH_BIN} in {path}.")
 
 
-def diffusion_from_scheduler(sched: Mapping[str, Any]) -> dict[str, Any]:
-    """config.diffusion fields of a diffusers DDPMScheduler config (the schedule the model was
-    trained with and what it predicts). The sampler variance is left to the config."""
+_VAR_TYPES = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall",
+              "fixed_large": "fixedlarge", "fixed_large_log": "fixedlarge"}
+
+
+def settings_from_scheduler(sched: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"diffusion": ..., "sample": ...} config fields of a diffusers DDPMScheduler config: the
+    schedule the model was trained with, what it predicts, the sampler variance (variance_type:
+    fixed_small -> σ_t² = β̃_t, the paper's 256x256 models; fixed_large -> β_t, CIFAR-10; the
+    _log variants compute the same variance) and whether x_0 is clipped (clip_sample).
+    Anything else is refused rather than sampled differently."""
     schedule = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(sched.get("beta_schedule"))
     mean_type = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}.get(
         sched.get("prediction_type", "epsilon"))
-    if sched.get("trained_betas") is not None or schedule is None or mean_type is None:
+    var_type = _VAR_TYPES.get(sched.get("variance_type", "fixed_small"))
+    clip_range = float(sched.get("clip_sample_range", 1.0))
+    if (sched.get("trained_betas") is not None or schedule is None or mean_type is None
+            or var_type is None or clip_range != 1.0 or sched.get("thresholding")):
         raise ValueError(
             f"Unsupported scheduler: beta_schedule={sched.get('beta_schedule')!r} (need 'linear' "
             f"or 'squaredcos_cap_v2'), prediction_type={sched.get('prediction_type')!r}, "
-            f"trained_betas {'set' if sched.get('trained_betas') is not None else 'unset'}.")
-    return dict(schedule=schedule, num_timesteps=int(sched.get("num_train_timesteps", 1000)),
-                beta_start=float(sched.get("beta_start", 1e-4)),
-                beta_end=float(sched.get("beta_end", 0.02)), mean_type=mean_type)
+            f"variance_type={sched.get('variance_type')!r} (need one of {sorted(_VAR_TYPES)}), "
+            f"clip_sample_range={clip_range} (need 1.0), thresholding="
+            f"{bool(sched.get('thresholding'))} (need False), trained_betas "
+            f"{'set' if sched.get('trained_betas') is not None else 'unset'} (need unset).")
+    diffusion = dict(schedule=schedule, num_timesteps=int(sched.get("num_train_timesteps", 1000)),
+                     beta_start=float(sched.get("beta_start", 1e-4)),
+                     beta_end=float(sched.get("beta_end", 0.02)), mean_type=mean_type,
+                     var_type=var_type)
+    sample = {"clip_denoised": bool(sched.get("clip_sample", True))}
+    return {"diffusion": diffusion, "sample": sample}
 
 
 def _base_config() -> ml_collections.ConfigDict:
@@ -316,15 +332,17 @@ def _base_config() -> ml_collections.ConfigDict:
 
 def full_config(
     model_config: ml_collections.ConfigDict, image_size: int, num_channels: int,
-    diffusion: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ml_collections.ConfigDict:
-    """A complete run config around a converted model (other fields from configs/cifar10.py)."""
+    """A complete run config around a converted model (other fields from configs/cifar10.py);
+    ``settings`` ({"diffusion": ..., "sample": ...}) override the sections they name."""
     config = _base_config()
     config.model = model_config
     config.data.image_size = image_size
     config.data.num_channels = num_channels
     config.data.class_conditional = model_config.num_classes is not None
-    config.diffusion.update(diffusion or {})
+    for section, fields in (settings or {}).items():
+        config[section].update(fields)
     return config
 
 
@@ -364,8 +382,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         params, model_config = convert_diffusers_state(state, diffusers_config)
         _, image_size, num_channels = model_config_from_diffusers(diffusers_config)
         sched = _scheduler_config(model_dir)
-        diffusion = None if sched is None else diffusion_from_scheduler(sched)
-        config = full_config(model_config, image_size, num_channels, diffusion)
+        settings = None if sched is None else settings_from_scheduler(sched)
+        config = full_config(model_config, image_size, num_channels, settings)
         step_dir = checkpointing.save_params_checkpoint(args.out, params, config, step=0)
     except (ValueError, OSError, ImportError) as e:  # the user's input: a message, no traceback
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -75,16 +75,22 @@ def learning_rate_schedule(optim_config: ml_collections.ConfigDict) -> optax.Sch
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping, then Adam on the warmed-up learning rate."""
+    """Global-norm clipping, then Adam on the warmed-up learning rate.
+
+    The state has the same structure whatever ``grad_clip`` and ``clip_groups`` are (so a run
+    may change them on resume): with no clipping, or with clipping per group done by the train
+    step (``clip_groups`` > 1), the clip here has an infinite threshold.
+    """
     adam = optax.adam(
         learning_rate_schedule(optim_config),
         b1=optim_config.b1,
         b2=optim_config.b2,
         eps=optim_config.eps,
     )
-    if optim_config.grad_clip and optim_config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
-    return adam
+    clip = optim_config.grad_clip or 0.0
+    if clip <= 0 or optim_config.get("clip_groups", 1) > 1:
+        clip = math.inf
+    return optax.chain(optax.clip_by_global_norm(clip), adam)
 
 
 def create_train_state(
@@ -112,6 +118,33 @@ def create_train_state(
 # ----------------------------------------------------------------------------------------------
 # The train step.
 # ----------------------------------------------------------------------------------------------
+def _group_clipped_grads(
+    grad_fn: Callable[..., tuple[tuple[jax.Array, jax.Array], PyTree]],
+    params: PyTree,
+    batch: tuple[jax.Array | None, ...],
+    dropout_rng: jax.Array,
+    groups: int,
+    grad_clip: float,
+) -> tuple[PyTree, jax.Array, jax.Array]:
+    """The original code's clipping (diffusion_tf/tpu_utils: ``CrossShardOptimizer`` with
+    ``grad_clip / num_replicas``): the batch is split into ``groups`` consecutive groups, each
+    group's mean-loss gradient is clipped to global norm ``grad_clip``, and the clipped gradients
+    are averaged. Returns (gradient, per-example losses [B], mean of the groups' norms before
+    clipping). The original's logged ``gnorm`` is one group's norm / groups."""
+    split = [None if a is None else a.reshape(groups, -1, *a.shape[1:]) for a in batch]
+    in_axes = (None, *(None if a is None else 0 for a in split), 0)
+    (_, losses), group_grads = jax.vmap(grad_fn, in_axes=in_axes)(
+        params, *split, jax.random.split(dropout_rng, groups)
+    )
+    norms = jax.vmap(optax.global_norm)(group_grads)  # [groups]
+    scale = jnp.minimum(1.0, grad_clip / norms) if grad_clip and grad_clip > 0 else 1.0
+    scale = jnp.broadcast_to(scale, norms.shape)
+    grads = jax.tree.map(
+        lambda g: jnp.mean(g * scale.reshape(-1, *([1] * (g.ndim - 1))), axis=0), group_grads
+    )
+    return grads, losses.reshape(-1), jnp.mean(norms)
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -121,10 +154,13 @@ def make_train_step(
     """``train_step(state, batch) -> (state, metrics)``: one Adam step on L_simple, then the EMA.
 
     ``batch`` is {"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B] (optional)}.
-    ``metrics``: loss (batch mean), grad_norm (before clipping), lr, and the sum and count of the
+    ``metrics``: loss (batch mean), grad_norm (before clipping; with ``config.optim.clip_groups``
+    > 1 the mean of the groups' norms), gnorm (grad_norm / clip_groups: the ``train/gnorm`` that
+    the original code logged), lr, and the sum and count of the
     per-example losses whose t falls in each quarter of 0..T-1 (``loss_by_t_sum/count`` [4]).
     """
     num_timesteps = sched.num_timesteps
+    clip_groups = config.optim.get("clip_groups", 1)
     lr_fn = learning_rate_schedule(config.optim)
     decay = config.train.ema_decay
     mean_type = config.diffusion.mean_type
@@ -136,7 +172,7 @@ def make_train_step(
         t = jax.random.randint(t_rng, x0.shape[:1], 0, num_timesteps, dtype=jnp.int32)
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
 
-        def loss_fn(params: PyTree) -> tuple[jax.Array, jax.Array]:
+        def loss_fn(params: PyTree, x0, t, noise, y, dropout_rng) -> tuple[jax.Array, jax.Array]:
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
                 return model.apply(
                     {"params": params}, x_t, t, y=y, train=True, rngs={"dropout": dropout_rng}
@@ -145,7 +181,16 @@ def make_train_step(
             losses = diffusion.training_losses(sched, model_fn, x0, t, noise, mean_type=mean_type)
             return jnp.mean(losses), losses
 
-        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if clip_groups == 1:  # the optimizer clips the whole batch's gradient
+            (loss, losses), grads = grad_fn(state.params, x0, t, noise, y, dropout_rng)
+            grad_norm = optax.global_norm(grads)
+        else:
+            grads, losses, grad_norm = _group_clipped_grads(
+                grad_fn, state.params, (x0, t, noise, y), dropout_rng, clip_groups,
+                config.optim.grad_clip,
+            )
+            loss = jnp.mean(losses)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = jax.tree.map(
@@ -154,7 +199,8 @@ def make_train_step(
         t_bin = jax.nn.one_hot(t * NUM_T_BINS // num_timesteps, NUM_T_BINS, dtype=jnp.float32)
         metrics = {
             "loss": loss,
-            "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+            "grad_norm": grad_norm,
+            "gnorm": grad_norm / clip_groups,
             "lr": jnp.asarray(lr_fn(state.step), jnp.float32),
             "loss_by_t_sum": jnp.sum(t_bin * losses[:, None], axis=0),
             "loss_by_t_count": jnp.sum(t_bin, axis=0),
@@ -178,6 +224,7 @@ def zero_metrics() -> Metrics:
         "steps": jnp.zeros((), jnp.int32),
         "loss": jnp.zeros((), jnp.float32),
         "grad_norm": jnp.zeros((), jnp.float32),
+        "gnorm": jnp.zeros((), jnp.float32),
         "lr": jnp.zeros((), jnp.float32),
         "loss_by_t_sum": jnp.zeros((NUM_T_BINS,), jnp.float32),
         "loss_by_t_count": jnp.zeros((NUM_T_BINS,), jnp.float32),
@@ -192,6 +239,7 @@ def accumulate_metrics(acc: Metrics, metrics: Metrics, step: jax.Array) -> Metri
         "steps": acc["steps"] + 1,
         "loss": acc["loss"] + metrics["loss"],
         "grad_norm": acc["grad_norm"] + metrics["grad_norm"],
+        "gnorm": acc["gnorm"] + metrics["gnorm"],
         "lr": metrics["lr"],
         "loss_by_t_sum": acc["loss_by_t_sum"] + metrics["loss_by_t_sum"],
         "loss_by_t_count": acc["loss_by_t_count"] + metrics["loss_by_t_count"],
@@ -202,11 +250,12 @@ def accumulate_metrics(acc: Metrics, metrics: Metrics, step: jax.Array) -> Metri
 
 
 def summarize_metrics(acc: dict[str, np.ndarray]) -> dict[str, float]:
-    """Interval means of the fetched sums: loss, grad_norm, lr (last), loss_t_q{0..3}."""
+    """Interval means of the fetched sums: loss, grad_norm, gnorm, lr (last), loss_t_q{0..3}."""
     steps = max(int(acc["steps"]), 1)
     out = {
         "loss": float(acc["loss"]) / steps,
         "grad_norm": float(acc["grad_norm"]) / steps,
+        "gnorm": float(acc["gnorm"]) / steps,
         "lr": float(acc["lr"]),
     }
     for q in range(NUM_T_BINS):
@@ -279,8 +328,12 @@ def make_sample_fn(
 # Logging, signals, layout.
 # ----------------------------------------------------------------------------------------------
 class _StopRequest:
-    """SIGTERM / SIGINT set a flag that the loop checks; the loop then saves and exits cleanly.
+    """A request to save a checkpoint and stop (SIGTERM: preemption; Ctrl-C), checked every step.
 
+    One process: SIGTERM and SIGINT set a flag. Several processes: SIGTERM stays JAX's own (its
+    preemption notifier, installed by ``jax.distributed.initialize``, tells the coordination
+    service, and ``reached_preemption_sync_point`` turns True on every process at the same step
+    with no host sync of ours); SIGINT sets a flag that the processes compare at log steps.
     A second SIGINT falls through to Python's default (KeyboardInterrupt).
     """
 
@@ -297,7 +350,9 @@ class _StopRequest:
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            signums = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (
+                signal.SIGINT,)
+            for signum in signums:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -305,10 +360,16 @@ class _StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def synced(self) -> bool:
-        """Whether any process was asked to stop (a collective: call it at the same step)."""
+    def should_stop(self, step: int, at_log_step: bool) -> bool:
+        """Whether to stop after ``step``; every process must call it after every dispatch and
+        gets the same answer."""
         if jax.process_count() == 1:
             return self.requested
+        if multihost_utils.reached_preemption_sync_point(step):
+            logging.warning("Preemption notice: saving a checkpoint at step %d and stopping.", step)
+            return True
+        if not at_log_step:
+            return False
         flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
         return bool(np.any(flags))
 
@@ -350,6 +411,38 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.train.{name}={train[name]} must be >= 1.")
     if not 0.0 <= train.ema_decay < 1.0:
         raise ValueError(f"config.train.ema_decay={train.ema_decay} must be in [0, 1).")
+    k = train.steps_per_dispatch
+    eval_every = config.get("eval", {}).get("every_steps") or 0
+    boundaries = {"train.num_steps": train.num_steps, "train.log_every": train.log_every,
+                  "train.checkpoint_every": train.checkpoint_every,
+                  "train.sample_every": train.sample_every or 0, "eval.every_steps": eval_every}
+    unaligned = [f"config.{name}={value}" for name, value in boundaries.items() if value % k]
+    if unaligned:  # a shorter dispatch would compile the step a second time
+        raise ValueError(
+            f"config.train.steps_per_dispatch={k} must divide {', '.join(unaligned)}: every "
+            "dispatch runs the same number of steps, so the train step compiles once."
+        )
+    groups = config.optim.get("clip_groups", 1)
+    if groups < 1 or config.data.batch_size % groups:
+        raise ValueError(
+            f"config.optim.clip_groups={groups} must be >= 1 and divide config.data.batch_size="
+            f"{config.data.batch_size} (each group's gradient is clipped, then they are averaged)."
+        )
+    if config.model.get("dtype") == "float16":
+        raise ValueError(
+            "config.model.dtype=float16 has no loss scaling here, so small gradients would "
+            "underflow to zero: use bfloat16 (same speed on TPUs and recent GPUs, float32's "
+            "range) or float32."
+        )
+    if train.sample_every:
+        sample = config.sample
+        try:
+            sampling.check_sampler_args(
+                config.diffusion.num_timesteps, sampler=sample.sampler,
+                num_steps=sample.num_steps, eta=sample.eta, var_type=config.diffusion.var_type,
+            )
+        except ValueError as e:
+            raise ValueError(f"config.sample: {e}") from None
     num_classes, class_conditional = config.model.get("num_classes"), config.data.class_conditional
     if (num_classes is not None) != bool(class_conditional):
         raise ValueError(
@@ -464,10 +557,16 @@ def train_and_evaluate(
     params_finite = jax.jit(
         lambda s: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
     )
-    sample_fn = make_sample_fn(config, model, sched, mesh)
     evaluate = evaluation.make_training_evaluator(config, model, mesh)  # checks config.eval
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A)  # same noise every grid
     rng = jax.random.PRNGKey(config.seed)
+    abstract_state = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+        jax.eval_shape(init, rng),
+    )
+    if train_config.sample_every:  # compiled now: no compile, or error, in the middle of the run
+        sample_fn = make_sample_fn(config, model, sched, mesh).lower(
+            abstract_state.ema_params, sample_rng).compile()
 
     ckpt = checkpointing.Checkpointer(
         workdir,
@@ -481,11 +580,7 @@ def train_and_evaluate(
         if step is None:
             state, step = init(rng), 0
         else:
-            abstract = jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                jax.eval_shape(init, rng),
-            )
-            state = ckpt.restore(abstract, step)
+            state = ckpt.restore(abstract_state, step)
             logging.info("Resumed from the checkpoint at step %d in %s.", step, workdir)
         if step >= num_steps:
             logging.info("Step %d >= num_steps=%d: nothing to train.", step, num_steps)
@@ -513,8 +608,9 @@ def train_and_evaluate(
         boundaries = [train_config.log_every, train_config.checkpoint_every]
         boundaries += [b for b in (train_config.sample_every, eval_every) if b]
         t_mark, paused, steps_at_mark, first_dispatch = time.time(), 0.0, step, True
+        stopping = False
         logging.info("Training from step %d to %d.", step, num_steps)
-        while step < num_steps:
+        while step < num_steps and not stopping:
             next_stop = min([num_steps] + [(step // b + 1) * b for b in boundaries])
             k = min(train_config.steps_per_dispatch, next_stop - step)
             batches = _global_batches(data, k, batch_sharding, config.data.batch_size)
@@ -525,8 +621,9 @@ def train_and_evaluate(
                 t_mark, steps_at_mark, first_dispatch = time.time(), step + k, False
             step += k
             at_end = step == num_steps
+            at_log_step = step % train_config.log_every == 0 or at_end
 
-            if step % train_config.log_every == 0 or at_end:
+            if at_log_step:
                 acc_host = jax.device_get(acc)
                 check_finite(acc_host)
                 scalars = summarize_metrics(acc_host)
@@ -547,25 +644,22 @@ def train_and_evaluate(
                 writer.scalars(step, scalars)
                 acc = new_metrics()
                 t_mark, paused, steps_at_mark = time.time(), 0.0, step
-                if stop.synced():
-                    break
-            elif jax.process_count() == 1 and stop.requested:
-                break
+            stopping = stop.should_stop(step, at_log_step)
 
             t_pause = time.time()
+            if step % train_config.checkpoint_every == 0 or at_end or stopping:
+                save_checkpoint()  # first: a stop or a preemption never loses this step
+            if stopping:  # no grid or evaluation: a preempted job may have seconds left
+                logging.info("Stopped at step %d and saved its checkpoint; rerun the same "
+                             "command to resume.", step)
+                break
             if train_config.sample_every and (step % train_config.sample_every == 0 or at_end):
                 samples = np.asarray(sample_fn(state.ema_params, sample_rng).addressable_data(0))
                 grid = images.make_grid(samples)
                 if is_main:
                     images.write_png(workdir / "samples" / f"{step:08d}.png", grid)
                 writer.image(step, "ema_samples", grid)
-            if step % train_config.checkpoint_every == 0 or at_end:
-                save_checkpoint()
             if eval_every and (step % eval_every == 0 or at_end):
                 _evaluate_and_log(evaluate, state.ema_params, step, config, workdir, writer)
             paused += time.time() - t_pause
-
-        if step < num_steps:  # stopped by a signal
-            save_checkpoint()
-            logging.info("Saved the checkpoint at step %d; rerun the same command to resume.", step)
     return state

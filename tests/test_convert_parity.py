@@ -101,26 +101,39 @@ def test_other_layouts_are_refused(changes, match):
         convert.convert_diffusers_state({}, cfg)
 
 
-def test_scheduler_config_sets_the_diffusion():
+def test_scheduler_config_sets_the_diffusion_and_the_sampler_variance():
     sched = {"beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03,
              "num_train_timesteps": 500, "trained_betas": None}
-    assert convert.diffusion_from_scheduler(sched) == dict(
-        schedule="linear", num_timesteps=500, beta_start=2e-4, beta_end=0.03, mean_type="eps")
-    cosine = convert.diffusion_from_scheduler(
+    assert convert.settings_from_scheduler(sched) == dict(
+        diffusion=dict(schedule="linear", num_timesteps=500, beta_start=2e-4, beta_end=0.03,
+                       mean_type="eps", var_type="fixedsmall"),  # diffusers' default variance
+        sample=dict(clip_denoised=True))
+    # The published models: google/ddpm-cifar10-32 samples with β_t, the 256x256 ones with β̃_t.
+    cifar = convert.settings_from_scheduler(dict(sched, variance_type="fixed_large"))
+    assert cifar["diffusion"]["var_type"] == "fixedlarge"
+    church = convert.settings_from_scheduler(dict(sched, variance_type="fixed_small",
+                                                  clip_sample=False))
+    assert church["diffusion"]["var_type"] == "fixedsmall"
+    assert church["sample"] == dict(clip_denoised=False)
+    cosine = convert.settings_from_scheduler(
         dict(sched, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"))
-    assert (cosine["schedule"], cosine["mean_type"]) == ("cosine", "v")
+    assert (cosine["diffusion"]["schedule"], cosine["diffusion"]["mean_type"]) == ("cosine", "v")
     for bad in ({"beta_schedule": "scaled_linear"}, {"trained_betas": [0.1, 0.2]},
-                {"prediction_type": "flow"}):
+                {"prediction_type": "flow"}, {"variance_type": "learned_range"},
+                {"clip_sample_range": 2.0}, {"thresholding": True}):
         with pytest.raises(ValueError, match="Unsupported scheduler"):
-            convert.diffusion_from_scheduler(dict(sched, **bad))
+            convert.settings_from_scheduler(dict(sched, **bad))
 
 
 def test_full_config_describes_the_converted_model():
     model, image_size, channels = convert.model_config_from_diffusers(SMALL_DIFFUSERS)
-    config = convert.full_config(model, image_size, channels, {"num_timesteps": 500})
+    config = convert.full_config(model, image_size, channels,
+                                 {"diffusion": {"num_timesteps": 500, "var_type": "fixedsmall"},
+                                  "sample": {"clip_denoised": False}})
     assert config.model.num_classes == 10 and config.data.class_conditional
     assert (config.data.image_size, config.data.num_channels) == (16, 3)
     assert config.diffusion.num_timesteps == 500 and config.diffusion.schedule == "linear"
+    assert config.diffusion.var_type == "fixedsmall" and not config.sample.clip_denoised
     assert {"seed", "data", "model", "diffusion", "sample"} <= set(config)
 
 

@@ -286,7 +286,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subprocess_env):
     assert process.returncode == 0, log[-3000:]
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
     assert len(steps) == 1 and steps[0] >= 2
-    assert f"Saved the checkpoint at step {steps[0]}" in log
+    assert f"Stopped at step {steps[0]} and saved its checkpoint" in log
 
 
 @pytest.mark.slow
@@ -311,3 +311,111 @@ def test_default_command_runs_from_any_directory(tmp_path, subprocess_env):
     assert (workdir / "checkpoints" / "2").is_dir()
     grid = np.asarray(Image.open(workdir / "samples" / "00000002.png"))
     assert grid.shape == (2 * 30 + 2, 2 * 30 + 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer review (issue 14): stops, the original's clipping, checks at start, one compile.
+# ----------------------------------------------------------------------------------------------
+def test_a_stop_in_the_last_interval_still_writes_the_final_checkpoint(tmp_path, monkeypatch):
+    """The stop request is seen at step 2 = num_steps, a log step: the checkpoint is written."""
+    monkeypatch.setattr(training._StopRequest, "should_stop", lambda self, step, log: step >= 2)
+    config = tiny_config(num_steps=2, log_every=2, checkpoint_every=2, sample_every=2)
+    state = training.train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
+
+
+def test_a_stop_between_log_steps_saves_that_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(training._StopRequest, "should_stop", lambda self, step, log: step >= 3)
+    config = tiny_config(num_steps=8, log_every=4, checkpoint_every=8, sample_every=0)
+    training.train_and_evaluate(config, tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["3"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(sample=dict(sampler="ddpm", eta=0.5)), "config.sample: eta=0.5 is invalid"),
+    (dict(model=dict(dtype="float16")), "use bfloat16"),
+    (dict(train=dict(steps_per_dispatch=3, log_every=4)), "must divide config.train.num_steps=4"),
+    (dict(optim=dict(clip_groups=3)), "clip_groups=3 must be >= 1 and divide"),
+])
+def test_bad_settings_fail_at_start_before_anything_is_written(tmp_path, override, message):
+    config = tiny_config()
+    config.optim.clip_groups = 1
+    for section, fields in override.items():
+        config[section].update(fields)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        training.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_several_steps_per_dispatch_compile_the_step_once(tmp_path):
+    compiled = []
+
+    def on_event(event: str, duration: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT and "multi_step" in kwargs.get("fun_name", ""):
+            compiled.append(kwargs["fun_name"])
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        config = tiny_config(num_steps=8, log_every=4, checkpoint_every=8, sample_every=0,
+                             steps_per_dispatch=2)
+        assert int(training.train_and_evaluate(config, tmp_path).step) == 8
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert len(compiled) == 1, compiled
+
+
+def test_group_clipping_is_the_per_group_computation():
+    """clip_groups=G: each group's mean-loss gradient clipped to grad_clip, then averaged,
+    computed here group by group in float64 with the same keys."""
+    config = tiny_config()
+    model = unet_from_config(config.model, config.data.num_channels)
+    sched = diffusion.schedule_from_config(config.diffusion)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,), jnp.int32),
+                        train=False)["params"]
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.uniform(-1, 1, (8, 16, 16, 1)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, 8), jnp.int32)
+    noise = jnp.asarray(rng.standard_normal((8, 16, 16, 1)), jnp.float32)
+    dropout_rng = jax.random.key(1)
+
+    def loss_fn(params, x0, t, noise, y, key):
+        def model_fn(x, t):
+            return model.apply({"params": params}, x, t, train=True, rngs={"dropout": key})
+
+        losses = diffusion.training_losses(sched, model_fn, x0, t, noise)
+        return jnp.mean(losses), losses
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    clip, groups = 0.05, 4
+    grads, losses, mean_norm = training._group_clipped_grads(
+        grad_fn, params, (x0, t, noise, None), dropout_rng, groups, clip)
+
+    keys = jax.random.split(dropout_rng, groups)
+    expected, norms, all_losses = None, [], []
+    for g in range(groups):
+        part = slice(2 * g, 2 * g + 2)
+        (_, group_losses), g_grads = grad_fn(params, x0[part], t[part], noise[part], None, keys[g])
+        leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(g_grads)]
+        norm = np.sqrt(sum(np.sum(x**2) for x in leaves))
+        scaled = [x * min(1.0, clip / norm) / groups for x in leaves]
+        if expected is not None:
+            scaled = [a + b for a, b in zip(expected, scaled, strict=True)]
+        expected = scaled
+        norms.append(norm)
+        all_losses.append(np.asarray(group_losses))
+    assert max(norms) > clip  # the clipping is exercised
+    for got, want in zip(jax.tree.leaves(grads), expected, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(losses), np.concatenate(all_losses), rtol=1e-5)
+    np.testing.assert_allclose(float(mean_norm), np.mean(norms), rtol=1e-4)
+
+
+def test_optimizer_state_has_one_structure_whatever_the_clipping():
+    params = {"w": jnp.zeros((3,))}
+    structures = set()
+    for grad_clip, groups in ((0.0, 1), (1.0, 1), (1.0, 8)):
+        optim = tiny_config().optim
+        optim.grad_clip, optim.clip_groups = grad_clip, groups
+        structures.add(jax.tree.structure(training.make_optimizer(optim).init(params)))
+    assert len(structures) == 1
