@@ -162,21 +162,27 @@ def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Record the settings the chunks are drawn with; refuse to mix chunks of other settings."""
-    path = out / SETTINGS_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            diffs = [f"{k}: {saved.get(k)!r} on disk != {settings.get(k)!r} now"
-                     for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
-            raise ValueError(
-                f"{out} holds samples drawn with other settings ({'; '.join(diffs)}). "
-                "Pass another --out, or delete that directory to start over."
-            )
-    elif jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
-        _write_atomic(path, lambda f: f.write(text.encode()))
+    """Record the settings the chunks are drawn with; refuse to mix chunks of other settings.
+    Process 0 decides (``out`` may be on its disk only) and every process raises with it."""
+
+    def check_or_record() -> None:
+        path = out / SETTINGS_FILE
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved != settings:
+                diffs = [f"{k}: {saved.get(k)!r} on disk != {settings.get(k)!r} now"
+                         for k in sorted(set(saved) | set(settings))
+                         if saved.get(k) != settings.get(k)]
+                raise ValueError(
+                    f"{out} holds samples drawn with other settings ({'; '.join(diffs)}). "
+                    "Pass another --out, or delete that directory to start over."
+                )
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+            _write_atomic(path, lambda f: f.write(text.encode()))
+
+    parallel.on_process_0(check_or_record, f"Checking the sample settings in {out}")
 
 
 def _missing_chunks(out: Path, num_chunks: int) -> list[int]:

@@ -35,7 +35,7 @@ except RuntimeError:  # TF's devices were already initialised by someone else; n
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from ddpm_jax import datasets  # noqa: E402  (registers `mnist5k`)
+from ddpm_jax import datasets, parallel  # noqa: E402  (datasets registers `mnist5k`)
 
 FOLDER_PREFIX = "folder:"
 OFFLINE_HINT = (
@@ -116,8 +116,11 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
         if config_name and config_name not in configs:
             raise ValueError(f"{base} has no config {config_name!r}; it has {configs}.") from e
         raise
-    if not builder.is_prepared():
-        _prepare(builder, name)
+    if not builder.is_prepared():  # one process prepares a shared data_dir, the others wait
+        parallel.on_process_0(lambda: _prepare(builder, name), f"Preparing {name}")
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared():  # this process's data_dir is not process 0's
+            _prepare(builder, name)
     return builder
 
 

@@ -1,14 +1,17 @@
 """How a run is laid out over processes and devices: multi-host start-up and the data mesh.
 
-Shared by ``ddpm_jax.train``, ``ddpm_jax.sample`` and the benchmarks. Everything here except
-``make_data_mesh`` must run before anything touches the devices.
+Shared by ``ddpm_jax.train``, ``ddpm_jax.sample``, ``ddpm_jax.evaluate`` and the benchmarks.
+``initialize`` and ``split_cpu_into_devices`` must run before anything touches the devices.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 
@@ -66,3 +69,24 @@ def make_data_mesh() -> Mesh:
     return jax.make_mesh(
         (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
     )
+
+
+def on_process_0(fn: Callable[[], None], what: str) -> None:
+    """Runs ``fn`` on process 0 only while the others wait; if it raised, every process raises
+    (process 0 its error, the others a RuntimeError naming ``what``), so that no process is left
+    waiting in a later collective. For work on a shared file system that one process must do
+    (preparing a dataset, checking or writing a settings file). Every process must call it."""
+    if jax.process_count() == 1:
+        fn()
+        return
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, after the others have been told
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.asarray(error is not None, np.int32))
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(f"{what} failed on process 0; its log says why.")

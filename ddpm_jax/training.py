@@ -360,12 +360,14 @@ class _StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def should_stop(self, step: int, at_log_step: bool) -> bool:
-        """Whether to stop after ``step``; every process must call it after every dispatch and
-        gets the same answer."""
+    def should_stop(self, step: int, k: int, at_log_step: bool) -> bool:
+        """Whether to stop after ``step``, which ended a dispatch of ``k`` steps; every process
+        must call it after every dispatch and gets the same answer."""
         if jax.process_count() == 1:
             return self.requested
-        if multihost_utils.reached_preemption_sync_point(step):
+        # JAX's protocol names one step id as the safe one: ask about each step of the dispatch.
+        if any([multihost_utils.reached_preemption_sync_point(s) for s in range(step - k + 1,
+                                                                                  step + 1)]):
             logging.warning("Preemption notice: saving a checkpoint at step %d and stopping.", step)
             return True
         if not at_log_step:
@@ -644,7 +646,7 @@ def train_and_evaluate(
                 writer.scalars(step, scalars)
                 acc = new_metrics()
                 t_mark, paused, steps_at_mark = time.time(), 0.0, step
-            stopping = stop.should_stop(step, at_log_step)
+            stopping = stop.should_stop(step, k, at_log_step)
 
             t_pause = time.time()
             if step % train_config.checkpoint_every == 0 or at_end or stopping:

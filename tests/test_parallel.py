@@ -1,6 +1,7 @@
 """Multi-host start-up decisions and the data mesh (ddpm_jax.parallel)."""
 
 import jax
+import numpy as np
 import pytest
 
 from ddpm_jax import parallel
@@ -49,3 +50,40 @@ def test_data_mesh_spans_every_device():
     assert mesh.axis_names == ("data",)
     assert mesh.size == jax.device_count() == 8  # conftest's fake CPU devices
     assert set(mesh.devices.flat) == set(jax.devices())
+
+
+class _Processes:
+    """Pretends to be process ``index`` of 2; ``broadcast_one_to_all`` returns process 0's
+    value, given here as ``process_0_failed``."""
+
+    def __init__(self, monkeypatch, index: int, process_0_failed: bool):
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        sent = []
+
+        def broadcast(value):
+            sent.append(int(value))
+            return np.asarray(int(process_0_failed) if index else int(value), np.int32)
+
+        monkeypatch.setattr(parallel.multihost_utils, "broadcast_one_to_all", broadcast)
+        self.sent = sent
+
+
+def test_on_process_0_runs_once_and_everyone_learns_of_a_failure(monkeypatch):
+    calls = []
+    _Processes(monkeypatch, index=1, process_0_failed=False)
+    parallel.on_process_0(lambda: calls.append(1), "Preparing x")
+    assert calls == []  # process 1 waits: it does not do the work
+
+    _Processes(monkeypatch, index=1, process_0_failed=True)
+    with pytest.raises(RuntimeError, match="Preparing x failed on process 0"):
+        parallel.on_process_0(lambda: calls.append(1), "Preparing x")
+
+    processes = _Processes(monkeypatch, index=0, process_0_failed=False)
+
+    def fail():
+        raise ValueError("disk full")
+
+    with pytest.raises(ValueError, match="disk full"):  # its own error, after telling the others
+        parallel.on_process_0(fail, "Preparing x")
+    assert processes.sent == [1]

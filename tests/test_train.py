@@ -318,7 +318,7 @@ def test_default_command_runs_from_any_directory(tmp_path, subprocess_env):
 # ----------------------------------------------------------------------------------------------
 def test_a_stop_in_the_last_interval_still_writes_the_final_checkpoint(tmp_path, monkeypatch):
     """The stop request is seen at step 2 = num_steps, a log step: the checkpoint is written."""
-    monkeypatch.setattr(training._StopRequest, "should_stop", lambda self, step, log: step >= 2)
+    monkeypatch.setattr(training._StopRequest, "should_stop", lambda self, step, k, log: step >= 2)
     config = tiny_config(num_steps=2, log_every=2, checkpoint_every=2, sample_every=2)
     state = training.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 2
@@ -326,7 +326,7 @@ def test_a_stop_in_the_last_interval_still_writes_the_final_checkpoint(tmp_path,
 
 
 def test_a_stop_between_log_steps_saves_that_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(training._StopRequest, "should_stop", lambda self, step, log: step >= 3)
+    monkeypatch.setattr(training._StopRequest, "should_stop", lambda self, step, k, log: step >= 3)
     config = tiny_config(num_steps=8, log_every=4, checkpoint_every=8, sample_every=0)
     training.train_and_evaluate(config, tmp_path)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["3"]

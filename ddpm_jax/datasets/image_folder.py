@@ -18,6 +18,8 @@ import PIL.Image
 import PIL.ImageOps
 import tensorflow_datasets as tfds
 
+from ddpm_jax import parallel
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 GRAYSCALE_MODES = ("1", "L", "LA")
 
@@ -153,15 +155,21 @@ def folder_builder(
     name = _config_name(folder, files, image_size)
     root = os.path.expanduser(data_dir) if data_dir else tfds.core.constants.get_default_data_dir()
     prepared = os.path.join(root, FolderImages.name, name, str(FolderImages.VERSION))
-    if os.path.exists(os.path.join(prepared, "dataset_info.json")):
-        return tfds.builder_from_directory(prepared)
-    config = FolderImagesConfig(
-        name=name,
-        folder=folder,
-        image_size=image_size,
-        num_channels=_scan(folder, files, image_size),
-        files=tuple(files),
-    )
-    builder = FolderImages(config=config, data_dir=root)
-    builder.download_and_prepare()
-    return builder
+    def is_prepared() -> bool:
+        return os.path.exists(os.path.join(prepared, "dataset_info.json"))
+
+    def prepare() -> None:
+        config = FolderImagesConfig(
+            name=name,
+            folder=folder,
+            image_size=image_size,
+            num_channels=_scan(folder, files, image_size),
+            files=tuple(files),
+        )
+        FolderImages(config=config, data_dir=root).download_and_prepare()
+
+    if not is_prepared():  # one process prepares a shared data_dir, the others wait
+        parallel.on_process_0(prepare, f"Preparing the images of {folder}")
+        if not is_prepared():  # this process's data_dir is not process 0's
+            prepare()
+    return tfds.builder_from_directory(prepared)
