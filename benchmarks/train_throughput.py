@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     k = config.train.steps_per_dispatch
     batch = config.data.batch_size
     size, channels = config.data.image_size, config.data.num_channels
-    rng = jax.random.PRNGKey(0)
+    rng = jax.random.key(0)
     batches = {
         "image": jax.device_put(
             jax.random.uniform(rng, (k, batch, size, size, channels), minval=-1.0, maxval=1.0),

@@ -21,7 +21,6 @@ DIR receives a params-only checkpoint that `python -m ddpm_jax.sample --workdir 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -311,23 +310,10 @@ def settings_from_scheduler(sched: Mapping[str, Any]) -> dict[str, dict[str, Any
 
 
 def _base_config() -> ml_collections.ConfigDict:
-    """The repository's configs/cifar10.py if present, else the schema's defaults."""
-    path = Path(__file__).resolve().parents[1] / "configs" / "cifar10.py"
-    if path.exists():
-        spec = importlib.util.spec_from_file_location("_ddpm_cifar10_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config()
-    return ml_collections.ConfigDict(dict(
-        seed=0,
-        data=dict(dataset="cifar10", split="train", data_dir=None, image_size=32, num_channels=3,
-                  random_flip=True, batch_size=128, shuffle_buffer=10_000,
-                  class_conditional=False),
-        model={},
-        diffusion=dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                       mean_type="eps", var_type="fixedlarge"),
-        sample=dict(sampler="ddpm", num_steps=None, eta=0.0, clip_denoised=True, num_images=64),
-    ))
+    """The shipped CIFAR-10 config: the fields a converted model's config does not set."""
+    from ddpm_jax.configs import cifar10
+
+    return cifar10.get_config()
 
 
 def full_config(

@@ -23,13 +23,12 @@ IS 9.46):
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import jax
 from absl import app, flags
 
-from ddpm_jax import evaluation, generation, parallel, sampling, summary
+from ddpm_jax import cache, cli, evaluation, generation, parallel, sampling, summary
 from ddpm_jax.models import unet_from_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluate its latest checkpoint.",
@@ -117,6 +116,7 @@ def _reference_only() -> None:
     from ddpm_jax.metrics import inception, reference
 
     parallel.initialize(_DISTRIBUTED.value)
+    cache.enable_compilation_cache()
     data_config = ml_collections.ConfigDict(dict(
         dataset="", split="train", data_dir=_DATA_DIR.value, image_size=_IMAGE_SIZE.value,
         num_channels=_NUM_CHANNELS.value,
@@ -128,21 +128,13 @@ def _reference_only() -> None:
     ref = reference.get_reference(_REFERENCE.value, data_config, extractor, _CONVENTION.value,
                                   need_features=True, cache_dir=_CACHE_DIR.value)
     path = reference.cache_path(_REFERENCE.value, _IMAGE_SIZE.value, _CONVENTION.value,
-                                _CACHE_DIR.value or reference.cache_root())
+                                _CACHE_DIR.value or cache.root())
     if jax.process_index() == 0:
         print(f"Reference statistics of {ref.description} ({ref.metadata.get('num_images')} "
               f"images, {_CONVENTION.value} convention): {path}")
 
 
 def main(argv: list[str]) -> None:
-    """Runs the evaluation; a bad input or a missing file ends it with one message, no traceback."""
-    try:
-        _evaluate(argv)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"ddpm_jax.evaluate: error: {e}")
-
-
-def _evaluate(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     sources = [f for f in (_WORKDIR, _CHECKPOINT) if f.value is not None]
@@ -155,13 +147,13 @@ def _evaluate(argv: list[str]) -> None:
                              "compute reference statistics only, --reference and --image_size.")
     if _CHECKPOINT.value is not None and _OUT.value is None:
         raise app.UsageError("With --checkpoint, pass --out too.")
-    try:
-        metrics = evaluation.parse_metrics(_METRICS.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
+    metrics = evaluation.parse_metrics(_METRICS.value)  # a ValueError naming the choices
+    if _SAMPLES.value is not None and not os.path.isfile(_SAMPLES.value):
+        raise FileNotFoundError(f"--samples={_SAMPLES.value} does not exist.")
     if "bpd" in metrics and not sources:
         raise app.UsageError("bpd needs a model: pass --workdir or --checkpoint.")
     parallel.initialize(_DISTRIBUTED.value)
+    cache.enable_compilation_cache()
     mesh = parallel.make_data_mesh()
 
     params = config = step = None
@@ -234,7 +226,7 @@ def _evaluate(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`ddpm-evaluate`)."""
-    app.run(main)
+    cli.run(main, "ddpm_jax.evaluate")
 
 
 if __name__ == "__main__":

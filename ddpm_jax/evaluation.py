@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import diffusion, generation, sampling
+from ddpm_jax import diffusion, generation, keys, sampling
 from ddpm_jax.metrics import features as features_lib
 from ddpm_jax.metrics import reference as reference_lib
 from ddpm_jax.metrics import statistics
@@ -386,7 +386,7 @@ def make_training_evaluator(
         num_steps=settings["num_steps"], eta=settings["eta"],
     )
     num_samples, batch_size = eval_config.num_samples, eval_config.batch_size
-    root_key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
+    root_key = keys.stream(config.seed, keys.EVAL)
     steps = settings["num_steps"] or config.diffusion.num_timesteps
 
     def evaluate(ema_params: PyTree, step: int) -> tuple[dict[str, float], Protocol]:

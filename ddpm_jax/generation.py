@@ -11,10 +11,11 @@
     trajectory_pred_x0.png   and the predicted x_0 every few steps, then the final sample)
     sampling.json            the settings the chunks were drawn with
 
-Chunk c is drawn with the key fold_in(key(seed), c), so a rerun after preemption skips the chunks
-on disk and produces the same images as an uninterrupted run; rerunning with other settings into
-the same ``out`` is refused. Each batch is split over all devices of all processes (a 1-D
-('data',) mesh; params replicated); the sampler is compiled once; process 0 writes the files.
+Chunk c is drawn with the key fold_in(keys.stream(seed, keys.SAMPLE), c), so a rerun after
+preemption skips the chunks on disk and produces the same images as an uninterrupted run;
+rerunning with other settings into the same ``out`` is refused. Each batch is split over all
+devices of all processes (a 1-D ('data',) mesh; params replicated); the sampler is compiled
+once; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import checkpointing, diffusion, images, parallel, sampling
+from ddpm_jax import checkpointing, diffusion, images, keys, parallel, sampling
 from ddpm_jax.models import unet_from_config
 
 PyTree = Any
@@ -56,14 +57,25 @@ def chunk_path(out: str | os.PathLike, chunk: int) -> Path:
 # Checkpoint and sampler settings.
 # ----------------------------------------------------------------------------------------------
 def load_checkpoint(path: str | os.PathLike) -> tuple[PyTree, ml_collections.ConfigDict, int]:
-    """(EMA params, config, step) of a workdir's latest checkpoint or of one step directory."""
+    """(EMA params, config, step) of a workdir's latest checkpoint or of one step directory.
+
+    A damaged checkpoint is a ValueError naming its step, the file, the reason and another
+    checkpoint to pass as ``--checkpoint``."""
     if not Path(path).exists():
         raise FileNotFoundError(f"Checkpoint path {path} does not exist.")
     try:
         return checkpointing.load_ema_params(path)
     except FileNotFoundError:
         raise
-    except Exception as e:  # Orbax/TensorStore errors on a damaged or foreign checkpoint
+    except checkpointing.DamagedCheckpointError as e:
+        ckpt_dir = e.step_dir.parent
+        others = [s for s in checkpointing.checkpoint_steps(ckpt_dir) if s != e.step]
+        advice = (
+            f"Use another checkpoint: --checkpoint={ckpt_dir / str(others[-1])} (with --out)."
+            if others else f"{ckpt_dir} holds no other checkpoint."
+        )
+        raise ValueError(f"Could not read a checkpoint from {path}: {e}. {advice}") from None
+    except Exception as e:  # Orbax/TensorStore errors on a foreign checkpoint
         raise ValueError(f"Could not read a checkpoint from {path}: {e}") from e
 
 
@@ -87,6 +99,9 @@ def sampler_settings(
 # ----------------------------------------------------------------------------------------------
 # The sampler.
 # ----------------------------------------------------------------------------------------------
+LABELS = ("random", "grid")
+
+
 def make_generate_fn(
     model: Any,
     config: ml_collections.ConfigDict,
@@ -96,19 +111,20 @@ def make_generate_fn(
     sampler: str,
     num_steps: int | None,
     eta: float,
+    labels: str = "random",
     return_trajectory: bool = False,
 ) -> Callable[..., tuple[jax.Array, ...]]:
-    """Jitted ``(params, root_key, chunk) -> (uint8 images [B, H, W, C], labels [B] int32)``,
-    batch split over ``mesh``'s 'data' axis, drawn with key fold_in(root_key, chunk).
+    """Jitted ``(params, key, chunk) -> (uint8 images [B, H, W, C], labels [B] int32)`` drawn
+    with key fold_in(key, chunk); the batch is split over ``mesh``'s 'data' axis when the devices
+    divide it (else every device draws all of it).
 
-    Labels are uniform over the classes for a class-conditional model, else zeros. With
-    ``return_trajectory`` it also returns uint8 frames [F, 8, H, W, C] of x_t and of pred_x0.
+    The one builder of sampled images: the sample and evaluate programs, and the trainer's grids
+    and evaluations. Class-conditional labels are ``"random"`` (uniform) or ``"grid"``
+    (i mod K: column k of a K-column grid shows class k); zeros for an unconditional model.
+    With ``return_trajectory`` it also returns uint8 frames [F, 8, H, W, C] of x_t and pred_x0.
     """
-    if batch_size <= 0 or batch_size % mesh.size:
-        raise ValueError(
-            f"--batch_size={batch_size} must be a positive multiple of the {mesh.size} devices "
-            f"(e.g. {mesh.size * max(1, batch_size // mesh.size)})."
-        )
+    if labels not in LABELS:
+        raise ValueError(f"labels={labels!r}: use one of {LABELS}.")
     sampling.check_sampler_args(
         config.diffusion.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta,
         var_type=config.diffusion.var_type,
@@ -117,32 +133,34 @@ def make_generate_fn(
     shape = (batch_size, size, size, channels)
     num_classes = config.model.get("num_classes")
     sched = diffusion.schedule_from_config(config.diffusion)
-    batch_sharding = NamedSharding(mesh, P("data"))
+    split = batch_size % mesh.size == 0
+    batch_sharding = NamedSharding(mesh, P("data") if split else P())
 
-    def generate(params: PyTree, root_key: jax.Array, chunk: jax.Array) -> tuple[jax.Array, ...]:
-        label_key, sample_key = jax.random.split(jax.random.fold_in(root_key, chunk))
-        labels = (
-            jax.random.randint(label_key, (batch_size,), 0, num_classes, jnp.int32)
-            if num_classes
-            else jnp.zeros((batch_size,), jnp.int32)
-        )
-        model_fn = sampling.make_model_fn(model, params, labels if num_classes else None)
+    def generate(params: PyTree, key: jax.Array, chunk: jax.Array) -> tuple[jax.Array, ...]:
+        label_key, sample_key = jax.random.split(jax.random.fold_in(key, chunk))
+        if not num_classes:
+            y = jnp.zeros((batch_size,), jnp.int32)
+        elif labels == "grid":
+            y = jnp.arange(batch_size, dtype=jnp.int32) % num_classes
+        else:
+            y = jax.random.randint(label_key, (batch_size,), 0, num_classes, jnp.int32)
+        network = sampling.make_model_fn(model, params, y if num_classes else None)
 
-        def eps_fn(x: jax.Array, t: jax.Array) -> jax.Array:  # keep the chain's batch split
-            return model_fn(jax.lax.with_sharding_constraint(x, batch_sharding), t)
+        def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:  # keep the chain's batch split
+            return network(jax.lax.with_sharding_constraint(x, batch_sharding), t)
 
         result = sampling.sample(
-            eps_fn, sched, sample_key, shape,
+            model_fn, sched, sample_key, shape,
             sampler=sampler, num_steps=num_steps, eta=eta,
             var_type=config.diffusion.var_type, mean_type=config.diffusion.mean_type,
             clip_denoised=config.sample.clip_denoised,
             return_trajectory=return_trajectory,
         )
         if not return_trajectory:
-            return images.to_uint8(result), labels
+            return images.to_uint8(result), y
         x, traj = result
         film = (images.to_uint8(f[:, :TRAJECTORY_ROWS]) for f in (traj.x_t, traj.pred_x0))
-        return (images.to_uint8(x), labels, *film)
+        return (images.to_uint8(x), y, *film)
 
     out_shardings = (batch_sharding, batch_sharding)
     if return_trajectory:
@@ -247,6 +265,11 @@ def generate_samples(
         raise ValueError(f"num_samples must be positive, got {num_samples}.")
     out = Path(out)
     mesh = parallel.make_data_mesh()
+    if batch_size <= 0 or batch_size % mesh.size:
+        raise ValueError(
+            f"--batch_size={batch_size} must be a positive multiple of the {mesh.size} devices "
+            f"(e.g. {mesh.size * max(1, batch_size // mesh.size)})."
+        )
     model = unet_from_config(config.model, config.data.num_channels)
     kw = dict(batch_size=batch_size, sampler=sampler, num_steps=num_steps, eta=eta)
     generate = make_generate_fn(model, config, mesh, **kw)
@@ -256,10 +279,11 @@ def generate_samples(
             config.data.image_size, config.data.image_size, config.data.num_channels],
         num_classes=config.model.get("num_classes"), clip_denoised=config.sample.clip_denoised,
         var_type=config.diffusion.var_type, mean_type=config.diffusion.mean_type,
+        key_stream="sample-v2",  # chunks drawn before keys.SAMPLE existed are not mixed in
     ))
 
     params = jax.device_put(params, NamedSharding(mesh, P()))
-    root_key = jax.random.key(seed)
+    root_key = keys.stream(seed, keys.SAMPLE)
     num_chunks = math.ceil(num_samples / batch_size)
     missing = _missing_chunks(out, num_chunks)
     is_writer = jax.process_index() == 0

@@ -16,7 +16,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from ddpm_jax import generation, parallel, sampling
+from ddpm_jax import cache, cli, generation, parallel, sampling
 
 PyTree = Any
 
@@ -38,7 +38,9 @@ _STEPS = flags.DEFINE_integer(
     "steps", None, "Sampling steps (respaced); default: the config's sample.num_steps, else all T."
 )
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's sample.eta).")
-_SEED = flags.DEFINE_integer("seed", 0, "Root seed; chunk c uses fold_in(key(seed), c).")
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Root seed; chunk c uses fold_in(keys.stream(seed, keys.SAMPLE), c)."
+)
 _OUT = flags.DEFINE_string(
     "out", None, "Output directory (default: <workdir>/samples_<sampler>_<steps>)."
 )
@@ -61,6 +63,7 @@ def main(argv: list[str]) -> None:
     if _CHECKPOINT.value is not None and _OUT.value is None:
         raise app.UsageError("With --checkpoint, pass --out too.")
     parallel.initialize(_DISTRIBUTED.value)  # before anything touches the devices
+    cache.enable_compilation_cache()
     params, config, step = generation.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value)
     sampler, num_steps, eta = generation.sampler_settings(
         config, _SAMPLER.value, _STEPS.value, _ETA.value
@@ -79,7 +82,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`ddpm-sample`)."""
-    app.run(main)
+    cli.run(main, "ddpm_jax.sample")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each chain is one ``jax.lax.scan`` over its timesteps, so tracing cost does not grow with the
 number of steps and a jitted sampler compiles once. The model enters only as
-``eps_fn(x_t, t) -> model output`` (ε, x_0 or v as ``mean_type`` says), called with the ORIGINAL
+``model_fn(x_t, t) -> model output`` (ε, x_0 or v as ``mean_type`` says), called with the ORIGINAL
 timestep indices 0..T-1 of the full schedule, also when the chain is respaced (as
 improved-diffusion's ``_WrappedModel`` does), so a network trained on T steps needs no change.
 A class-conditional model gets its labels through the closure (``make_model_fn(..., y=labels)``):
@@ -12,8 +12,8 @@ A class-conditional model gets its labels through the closure (``make_model_fn(.
 
     @jax.jit
     def generate(params, rng):
-        eps_fn = make_model_fn(unet, params)
-        return sample(eps_fn, sched, rng, (64, 32, 32, 3), sampler="ddim", num_steps=50)
+        model_fn = make_model_fn(unet, params)
+        return sample(model_fn, sched, rng, (64, 32, 32, 3), sampler="ddim", num_steps=50)
 
 Close over ``sched`` as above (a respaced chain builds its tables in float64 NumPy, so the schedule
 must be concrete); pass params as an argument so they are not baked into the program as constants.
@@ -22,7 +22,6 @@ must be concrete); pass params as an argument so they are not baked into the pro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +31,6 @@ import numpy as np
 from ddpm_jax import diffusion
 
 SAMPLERS = ("ddpm", "ddim")
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class Trajectory(NamedTuple):
@@ -161,7 +159,7 @@ def check_sampler_args(
 
 
 def sample(
-    eps_fn: EpsFn,
+    model_fn: diffusion.ModelFn,
     sched: diffusion.Schedule,
     rng: jax.Array,
     shape: tuple[int, ...],
@@ -212,7 +210,7 @@ def sample(
         t_model = jnp.full((batch,), jnp.asarray(timesteps)[i], dtype=jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(rng_steps, i), shape, jnp.float32)
         x_prev, pred_x0 = step_fn(
-            sched, eps_fn(x, t_model), x, i_batch, noise,
+            sched, model_fn(x, t_model), x, i_batch, noise,
             mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, eta=eta,
         )
         if not return_trajectory:
@@ -235,8 +233,8 @@ def sample(
     return carry[0], Trajectory(x_t=carry[1], pred_x0=carry[2], timesteps=frame_timesteps)
 
 
-def make_model_fn(model: Any, params: Any, y: jax.Array | None = None) -> EpsFn:
-    """``eps_fn(x_t, t) = model.apply({'params': params}, x_t, t, y=y, train=False)``.
+def make_model_fn(model: Any, params: Any, y: jax.Array | None = None) -> diffusion.ModelFn:
+    """``model_fn(x_t, t) = model.apply({'params': params}, x_t, t, y=y, train=False)``.
 
     ``y`` (int32 [B]) are the class labels of a class-conditional model (``model.num_classes``
     set); an unconditional model takes none.
@@ -249,7 +247,7 @@ def make_model_fn(model: Any, params: Any, y: jax.Array | None = None) -> EpsFn:
             "model is class-conditional."
         )
 
-    def eps_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+    def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
         return model.apply({"params": params}, x_t, t, y=y, train=False)
 
-    return eps_fn
+    return model_fn

@@ -1,8 +1,11 @@
-"""`python -m ddpm_jax.train --config=configs/cifar10.py --workdir=runs/cifar10`.
+"""`python -m ddpm_jax.train --config=cifar10 --workdir=runs/cifar10`.
 
-With no arguments it trains the offline default, configs/mnist5k.py, into runs/mnist5k. Every
-config field can be overridden (``--config.optim.lr=1e-4``). Rerunning the same command resumes
-from the latest checkpoint in the workdir; SIGTERM/Ctrl-C save a checkpoint and exit.
+``--config`` takes a shipped config's name (ddpm_jax/configs/, e.g. ``cifar10``) or any config
+file's path (``configs/cifar10.py`` in a clone, a file of your own), each optionally followed by
+``:argument`` for its get_config (``mnist5k:unconditional``). With no arguments it trains the
+offline default, mnist5k, into runs/mnist5k. Every config field can be overridden
+(``--config.optim.lr=1e-4``). Rerunning the same command resumes from the latest checkpoint in
+the workdir; SIGTERM/Ctrl-C save a checkpoint and exit.
 Launched as several processes (TPU pod slice, SLURM, mpirun, or JAX_COORDINATOR_ADDRESS set),
 or with ``--distributed``, it calls ``jax.distributed.initialize()`` first.
 """
@@ -14,20 +17,45 @@ import os
 from pathlib import Path
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import evaluation, parallel, training
+from ddpm_jax import cache, cli, configs, evaluation, parallel, training
 
-# configs/ lives next to the package in the repository, not inside it.
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist5k.py"
+DEFAULT_CONFIG = configs.DIRECTORY / "mnist5k.py"
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None,
-    "Training config file (default: the repository's configs/mnist5k.py).",
-    lock_config=True,
-)
+
+class _ConfigNameOrPath(flags.ArgumentParser):
+    """ml_collections' config file parser, given a shipped config's name resolved to its file."""
+
+    def __init__(self, parser: flags.ArgumentParser) -> None:
+        self._parser = parser
+
+    def parse(self, argument: str) -> ml_collections.ConfigDict:
+        return self._parser.parse(configs.resolve(argument))
+
+    def flag_type(self) -> str:
+        return self._parser.flag_type()
+
+
+def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+    """``--config``: a shipped config's name or a config file's path (default: the offline
+    mnist5k); ``--config.field=value`` overrides a field."""
+    holder = config_flags.DEFINE_config_file(
+        "config",
+        str(DEFAULT_CONFIG),
+        f"A shipped config ({', '.join(configs.names())}) or a config file's path, either with an "
+        "optional :argument for its get_config (mnist5k:unconditional).",
+        flag_values=flag_values,
+        lock_config=True,
+    )
+    # ml_collections loads the value as a file path, with no hook to look a name up first.
+    flag_values["config"].parser = _ConfigNameOrPath(flag_values["config"].parser)
+    return holder
+
+
+_CONFIG = define_config_flag()
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", -1,
     "JAX devices to split the host CPU into (CPU backend only): -1 one per core, 0 leave JAX's "
@@ -54,8 +82,8 @@ def _quiet_orbax_info_logs() -> None:
 
 
 def default_run_name(config_flag: flags.Flag) -> str:
-    """``cifar10`` for --config=configs/cifar10.py; ``mnist5k_unconditional`` for
-    --config=configs/mnist5k.py:unconditional (a config file's get_config argument)."""
+    """``cifar10`` for --config=cifar10 or --config=configs/cifar10.py; ``mnist5k_unconditional``
+    for --config=mnist5k:unconditional (a config's get_config argument)."""
     path, _, argument = config_flags.get_config_filename(config_flag).partition(":")
     return "_".join(filter(None, (Path(path).stem, argument)))
 
@@ -63,21 +91,21 @@ def default_run_name(config_flag: flags.Flag) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError(
-            f"No --config given and the default {DEFAULT_CONFIG} does not exist (is ddpm_jax "
-            "installed without its repository?). Pass --config=/path/to/configs/mnist5k.py."
-        )
     _quiet_orbax_info_logs()
     # Both must happen before anything touches the devices.
     if not parallel.initialize(_DISTRIBUTED.value):
         parallel.split_cpu_into_devices(_CONFIG.value.data.batch_size, _CPU_DEVICES.value)
+    cache.enable_compilation_cache()
     workdir = _WORKDIR.value or os.path.join("runs", default_run_name(flags.FLAGS["config"]))
     logging.info(
         "Process %d of %d, workdir %s", jax.process_index(), jax.process_count(), workdir
     )
     state = training.train_and_evaluate(_CONFIG.value, workdir)
     step = int(state.step)
+    if step < _CONFIG.value.train.num_steps:
+        logging.info("Stopped at step %d of %d; workdir %s. Rerun the same command to resume.",
+                     step, _CONFIG.value.train.num_steps, workdir)
+        return
     logging.info("Done at step %d; workdir %s.", step, workdir)
     for path in sorted(Path(workdir, "eval").glob(f"{step}_*.json")):
         for metrics, protocol in evaluation.read_results(path):
@@ -86,7 +114,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`ddpm-train`)."""
-    app.run(main)
+    cli.run(main, "ddpm_jax.train")
 
 
 if __name__ == "__main__":

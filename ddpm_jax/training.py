@@ -39,8 +39,10 @@ from ddpm_jax import (
     checkpointing,
     diffusion,
     evaluation,
+    generation,
     images,
     input_pipeline,
+    keys,
     parallel,
     sampling,
     summary,
@@ -64,7 +66,7 @@ class TrainState:
     params: PyTree  # float32
     ema_params: PyTree  # float32, decay config.train.ema_decay
     opt_state: optax.OptState
-    rng: jax.Array  # the run's key: step s uses fold_in(rng, s)
+    rng: jax.Array  # uint32[2], the data of the run's key: step s uses fold_in(key, s)
 
 
 def learning_rate_schedule(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -99,7 +101,10 @@ def create_train_state(
     tx: optax.GradientTransformation,
     rng: jax.Array,
 ) -> TrainState:
-    """Fresh params (EMA = params), optimizer state, step 0. Pure and jittable."""
+    """Fresh params (EMA = params), optimizer state, step 0, from a key (typed, e.g.
+    ``keys.stream(seed, keys.TRAIN)``, or raw uint32[2] data). Pure and jittable."""
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
     init_rng, train_rng = jax.random.split(rng)
     size, channels = config.data.image_size, config.data.num_channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
@@ -111,7 +116,7 @@ def create_train_state(
         params=params,
         ema_params=params,
         opt_state=tx.init(params),
-        rng=train_rng,
+        rng=jax.random.key_data(train_rng),
     )
 
 
@@ -136,7 +141,7 @@ def _group_clipped_grads(
     (_, losses), group_grads = jax.vmap(grad_fn, in_axes=in_axes)(
         params, *split, jax.random.split(dropout_rng, groups)
     )
-    norms = jax.vmap(optax.global_norm)(group_grads)  # [groups]
+    norms = jax.vmap(optax.tree.norm)(group_grads)  # [groups]
     scale = jnp.minimum(1.0, grad_clip / norms) if grad_clip and grad_clip > 0 else 1.0
     scale = jnp.broadcast_to(scale, norms.shape)
     grads = jax.tree.map(
@@ -167,7 +172,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
         x0, y = batch["image"], batch.get("label")
-        step_rng = jax.random.fold_in(state.rng, state.step)
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
         t = jax.random.randint(t_rng, x0.shape[:1], 0, num_timesteps, dtype=jnp.int32)
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
@@ -184,7 +189,7 @@ def make_train_step(
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if clip_groups == 1:  # the optimizer clips the whole batch's gradient
             (loss, losses), grads = grad_fn(state.params, x0, t, noise, y, dropout_rng)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
         else:
             grads, losses, grad_norm = _group_clipped_grads(
                 grad_fn, state.params, (x0, t, noise, y), dropout_rng, clip_groups,
@@ -289,41 +294,6 @@ def make_multi_step(
 # ----------------------------------------------------------------------------------------------
 # Samples.
 # ----------------------------------------------------------------------------------------------
-def make_sample_fn(
-    config: ml_collections.ConfigDict, model: Any, sched: diffusion.Schedule, mesh: Mesh
-) -> Callable[[PyTree, jax.Array], jax.Array]:
-    """Jitted ``(params, rng) -> images [N, H, W, C]`` (replicated) with the config's sampler."""
-    sample_config = config.sample
-    n = sample_config.num_images
-    shape = (n, config.data.image_size, config.data.image_size, config.data.num_channels)
-    num_classes = config.model.get("num_classes")
-    y = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
-    batch_sharding = NamedSharding(mesh, P("data")) if n % mesh.size == 0 else None
-
-    def sample_fn(params: PyTree, rng: jax.Array) -> jax.Array:
-        eps_fn = sampling.make_model_fn(model, params, y)
-        if batch_sharding is not None:  # spread the chain's batch over the devices
-            model_fn = eps_fn
-
-            def eps_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-                return model_fn(jax.lax.with_sharding_constraint(x, batch_sharding), t)
-
-        return sampling.sample(
-            eps_fn,
-            sched,
-            rng,
-            shape,
-            sampler=sample_config.sampler,
-            num_steps=sample_config.num_steps,
-            eta=sample_config.eta,
-            var_type=config.diffusion.var_type,
-            clip_denoised=sample_config.clip_denoised,
-            mean_type=config.diffusion.mean_type,
-        )
-
-    return jax.jit(sample_fn, out_shardings=NamedSharding(mesh, P()))
-
-
 # ----------------------------------------------------------------------------------------------
 # Logging, signals, layout.
 # ----------------------------------------------------------------------------------------------
@@ -554,21 +524,24 @@ def train_and_evaluate(
         (workdir / "mesh.json").write_text(json.dumps(layout, indent=2) + "\n")
     logging.info("Devices and mesh: %s", layout)
 
-    model, sched, init, multi_step = make_jitted_training(config, mesh)
+    model, _, init, multi_step = make_jitted_training(config, mesh)
     new_metrics = jax.jit(zero_metrics, out_shardings=replicated)
     params_finite = jax.jit(
         lambda s: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
     )
     evaluate = evaluation.make_training_evaluator(config, model, mesh)  # checks config.eval
-    sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A)  # same noise every grid
-    rng = jax.random.PRNGKey(config.seed)
+    grid_key = keys.stream(config.seed, keys.GRID)  # the same noise at every grid
+    rng = keys.stream(config.seed, keys.TRAIN)
     abstract_state = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
         jax.eval_shape(init, rng),
     )
     if train_config.sample_every:  # compiled now: no compile, or error, in the middle of the run
-        sample_fn = make_sample_fn(config, model, sched, mesh).lower(
-            abstract_state.ema_params, sample_rng).compile()
+        grid_fn = generation.make_generate_fn(
+            model, config, mesh, batch_size=config.sample.num_images,
+            sampler=config.sample.sampler, num_steps=config.sample.num_steps,
+            eta=config.sample.eta, labels="grid",
+        ).lower(abstract_state.ema_params, grid_key, np.int32(0)).compile()
 
     ckpt = checkpointing.Checkpointer(
         workdir,
@@ -582,7 +555,7 @@ def train_and_evaluate(
         if step is None:
             state, step = init(rng), 0
         else:
-            state = ckpt.restore(abstract_state, step)
+            state, step = ckpt.restore_latest(abstract_state)  # moves damaged ones aside
             logging.info("Resumed from the checkpoint at step %d in %s.", step, workdir)
         if step >= num_steps:
             logging.info("Step %d >= num_steps=%d: nothing to train.", step, num_steps)
@@ -656,8 +629,8 @@ def train_and_evaluate(
                              "command to resume.", step)
                 break
             if train_config.sample_every and (step % train_config.sample_every == 0 or at_end):
-                samples = np.asarray(sample_fn(state.ema_params, sample_rng).addressable_data(0))
-                grid = images.make_grid(samples)
+                samples, _ = grid_fn(state.ema_params, grid_key, np.int32(0))
+                grid = images.make_grid(multihost_utils.process_allgather(samples, tiled=True))
                 if is_main:
                     images.write_png(workdir / "samples" / f"{step:08d}.png", grid)
                 writer.image(step, "ema_samples", grid)

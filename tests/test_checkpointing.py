@@ -1,6 +1,9 @@
-"""Checkpoints: exact round trips, retention policy, the run's config, params-only access."""
+"""Checkpoints: exact round trips, retention policy, the run's config, params-only access,
+damaged checkpoints."""
 
 import json
+import logging
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -145,5 +148,91 @@ def test_params_checkpoint_is_loadable_but_not_resumable(tmp_path):
     with checkpointing.Checkpointer(tmp_path) as ckpt:
         with pytest.raises(ValueError, match="params-only"):
             ckpt.restore(_state())
+        with pytest.raises(ValueError, match="params-only"):  # not damage: nothing moved aside
+            ckpt.restore_latest(_state())
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["0"]
     with pytest.raises(FileExistsError):
         checkpointing.save_params_checkpoint(tmp_path, params, config, step=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints (tests/test_checkpoint_faults.py runs the commands on them).
+# ----------------------------------------------------------------------------------------------
+def _replicated_template() -> dict:
+    replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), _state(0)
+    )
+
+
+def _save_steps(workdir: Path, *steps: int) -> Path:
+    with checkpointing.Checkpointer(workdir, max_to_keep=None) as ckpt:
+        for step in steps:
+            ckpt.save(step, _state(step))
+    return workdir / "checkpoints"
+
+
+def _overwrite_tree_file(step_dir: Path) -> Path:
+    """Zeros the first 100 bytes of the file under state/d/ (the OCDBT database's tree)."""
+    (tree_file,) = (step_dir / "state" / "d").iterdir()
+    tree_file.write_bytes(bytes(100) + tree_file.read_bytes()[100:])
+    return tree_file
+
+
+def test_restore_latest_moves_damaged_checkpoints_aside_and_falls_back(tmp_path, caplog):
+    ckpt_dir = _save_steps(tmp_path, 1, 2, 3)
+    tree_file = _overwrite_tree_file(ckpt_dir / "3")
+    (ckpt_dir / "2" / "state" / "_METADATA").unlink()
+    (ckpt_dir / "3.damaged-1").mkdir()  # moved aside by an earlier run
+    with checkpointing.Checkpointer(tmp_path, max_to_keep=None) as ckpt, caplog.at_level(
+        logging.WARNING
+    ):
+        state, step = ckpt.restore_latest(_replicated_template())
+        assert step == 1 and ckpt.all_steps() == [1]
+        assert ckpt.save(2, _state(2))  # Orbax no longer lists the steps moved aside
+    _assert_trees_equal(state, _state(1))
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "1", "2", "2.damaged-1", "3.damaged-1", "3.damaged-2"
+    ]
+    moved_tree_file = ckpt_dir / "3.damaged-2" / "state" / "d" / tree_file.name
+    assert moved_tree_file.read_bytes()[:100] == bytes(100)  # renamed, not rewritten
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(
+        f"Checkpoint step 3 is damaged: moved it to {ckpt_dir / '3.damaged-2'} and resumed from "
+        f"step 1. File: {tree_file} (array "
+    )
+    assert "Reason: DATA_LOSS: " in warnings[0]
+    assert warnings[1].startswith(
+        f"Checkpoint step 2 is damaged: moved it to {ckpt_dir / '2.damaged-1'} and resumed from "
+        f"step 1. File: {ckpt_dir / '2' / 'state'}. Reason: FileNotFoundError: "
+    )
+    assert "_METADATA" in warnings[1]
+
+
+def test_restore_latest_moves_nothing_when_no_checkpoint_restores(tmp_path):
+    ckpt_dir = _save_steps(tmp_path, 1, 2)
+    for step in (1, 2):
+        _overwrite_tree_file(ckpt_dir / str(step))
+    with checkpointing.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match=(
+            r"(?s)No checkpoint in .* can be restored; none was moved:\n"
+            r"  checkpoint step 2 is damaged: .*DATA_LOSS.*\n"
+            r"  checkpoint step 1 is damaged: .*DATA_LOSS.*\nFix what these errors name"
+        )):
+            ckpt.restore_latest(_replicated_template())
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1", "2"]
+
+
+def test_load_ema_params_names_the_damaged_checkpoint(tmp_path):
+    ckpt_dir = _save_steps(tmp_path, 5)
+    (ckpt_dir / "5" / "meta" / "metadata").unlink()
+    with pytest.raises(checkpointing.DamagedCheckpointError) as caught:
+        checkpointing.load_ema_params(tmp_path)
+    error = caught.value
+    assert isinstance(error, ValueError) and error.step == 5
+    assert error.step_dir == ckpt_dir / "5"
+    assert error.file == str(ckpt_dir / "5" / "meta" / "metadata")
+    assert str(error).startswith(
+        f"checkpoint step 5 is damaged: {error.file}: FileNotFoundError: "
+    )

@@ -1,13 +1,21 @@
-"""Configs: the shared schema, the paper's settings, model sizes, and self-describing docstrings."""
+"""Configs: the shared schema, the paper's settings, model sizes, self-describing docstrings, and
+--config by name or path, also from an installed wheel."""
 
-import importlib.util
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import flags
 
-from ddpm_jax import diffusion, sampling, train
+from ddpm_jax import configs, diffusion, sampling, train
 from ddpm_jax.models import unet_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +28,7 @@ SCHEMA = {
     "model": {"ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
               "resamp_with_conv", "num_classes", "dtype"},
     "diffusion": {"schedule", "num_timesteps", "beta_start", "beta_end", "mean_type", "var_type"},
-    "optim": {"lr", "warmup_steps", "grad_clip", "b1", "b2", "eps"},
+    "optim": {"lr", "warmup_steps", "grad_clip", "clip_groups", "b1", "b2", "eps"},
     "train": {"num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_period",
               "sample_every", "ema_decay", "steps_per_dispatch"},
     "sample": {"sampler", "num_steps", "eta", "clip_denoised", "num_images"},
@@ -30,11 +38,18 @@ SCHEMA = {
 
 
 def _module(name: str):
-    path = ROOT / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"ddpm_jax.configs.{name}")
+
+
+def _parse_config_flag(argv: list[str], monkeypatch) -> flags.FlagValues:
+    """The trainer's --config flag, parsed from ``argv`` (ml_collections reads the
+    --config.field=value overrides from sys.argv)."""
+    argv = ["ddpm-train", *argv]
+    monkeypatch.setattr(sys, "argv", argv)
+    values = flags.FlagValues()
+    train.define_config_flag(values)
+    values(argv)
+    return values
 
 
 def _num_params(config) -> int:
@@ -49,6 +64,10 @@ def _num_params(config) -> int:
         t if config.model.num_classes is not None else None,  # class labels
     )
     return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def test_the_shipped_configs_are_these():
+    assert configs.names() == sorted(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -81,11 +100,12 @@ def test_docstring_gives_command_hardware_time_and_result(name):
     if name == "mnist5k":
         assert "python -m ddpm_jax.train " in doc  # the no-argument default
     else:
-        assert f"python -m ddpm_jax.train --config=configs/{name}.py" in doc
+        assert f"python -m ddpm_jax.train --config={name} " in doc
 
 
 def test_the_default_config_is_mnist5k():
-    assert train.DEFAULT_CONFIG == ROOT / "configs" / "mnist5k.py"
+    assert train.DEFAULT_CONFIG == configs.DIRECTORY / "mnist5k.py"
+    assert configs.DIRECTORY == Path(train.__file__).resolve().parent / "configs"  # in the package
     config = _module("mnist5k").get_config()
     assert config.data.dataset == "mnist5k"
     assert (config.data.image_size, config.data.num_channels) == (28, 1)
@@ -105,18 +125,53 @@ def test_mnist5k_unconditional_variant():
         module.get_config("uncond")
 
 
-@pytest.mark.parametrize("argument, name", [
-    ("configs/cifar10.py", "cifar10"),
-    ("configs/mnist5k.py:unconditional", "mnist5k_unconditional"),
+@pytest.mark.parametrize("argument, name, expected", [
+    ("cifar10", "cifar10", lambda: _module("cifar10").get_config()),
+    ("mnist5k:unconditional", "mnist5k_unconditional",
+     lambda: _module("mnist5k").get_config("unconditional")),
+    # The paths in a clone.
+    (str(ROOT / "configs" / "cifar10.py"), "cifar10", lambda: _module("cifar10").get_config()),
+    (str(ROOT / "configs" / "mnist5k.py:unconditional"), "mnist5k_unconditional",
+     lambda: _module("mnist5k").get_config("unconditional")),
 ])
-def test_default_workdir_names_the_config_and_its_variant(argument, name):
-    from absl import flags
-    from ml_collections import config_flags
-
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, flag_values=values)
-    values(["ddpm_jax.train", f"--config={ROOT / argument}"])
+def test_config_by_name_or_path_and_its_default_workdir(argument, name, expected, monkeypatch):
+    values = _parse_config_flag([f"--config={argument}"], monkeypatch)
     assert train.default_run_name(values["config"]) == name
+    assert values.config.to_dict() == expected().to_dict()
+
+
+def test_a_config_file_anywhere_can_build_on_a_shipped_one(tmp_path, monkeypatch):
+    path = tmp_path / "my_run.py"
+    path.write_text(
+        "from ddpm_jax.configs import tiny\n\n\n"
+        "def get_config(lr):\n"
+        "    config = tiny.get_config()\n"
+        "    config.optim.lr = float(lr)\n"
+        "    return config\n"
+    )
+    values = _parse_config_flag([f"--config={path}:0.5"], monkeypatch)
+    assert train.default_run_name(values["config"]) == "my_run_0.5"
+    assert values.config.optim.lr == 0.5 and values.config.data.image_size == 16
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    # Fields that may be None take a value: num_classes on an unconditional config, and the
+    # sampling steps where None means all 1000.
+    (["--config=mnist5k:unconditional", "--config.model.num_classes=10"], "model.num_classes", 10),
+    (["--config=cifar10", "--config.sample.num_steps=100"], "sample.num_steps", 100),
+    (["--config=mnist", "--config.eval.sampler=ddpm"], "eval.sampler", "ddpm"),
+    (["--config.sample.num_steps=20", "--config.optim.lr=1e-4"], "optim.lr", 1e-4),  # default
+])
+def test_fields_can_be_overridden(argv, field, value, monkeypatch):
+    config = _parse_config_flag(argv, monkeypatch).config
+    section, key = field.split(".")
+    assert config[section][key] == value
+
+
+def test_an_unknown_config_names_the_shipped_ones(monkeypatch):
+    with pytest.raises(flags.IllegalFlagValueError,
+                       match=r"'cifar100' is neither a file nor .*\(celebahq256, cifar10, "):
+        _parse_config_flag(["--config=cifar100"], monkeypatch)
 
 
 def test_cifar10_is_the_paper_setting():
@@ -156,3 +211,54 @@ def test_256_configs_are_the_paper_settings(name, dataset, num_steps, flip):
     assert c.train.ema_decay == 0.9999 and c.train.num_steps == num_steps
     assert (c.diffusion.num_timesteps, c.diffusion.var_type) == (1000, "fixedsmall")
     assert round(_num_params(c) / 1e6) == 114  # "114 million parameters"
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_trains_by_default_and_finds_the_configs_by_name(tmp_path):
+    """`pip install` of a wheel, not a clone: the default command trains (2 steps) in another
+    directory, and --config=cifar10 resolves to the installed copy's file."""
+    source = tmp_path / "source"  # the wheel's inputs, so that the build writes nothing here
+    shutil.copytree(ROOT / "ddpm_jax", source / "ddpm_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
+                    source], check=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert "ddpm_jax/configs/cifar10.py" in zipfile.ZipFile(wheel).namelist()
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(site),  # the installed copy ahead of the repository's editable install
+        XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                         os.environ.get("XLA_FLAGS", "")),  # the CPU as it is
+    )
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, env=env, cwd=elsewhere, capture_output=True, text=True,
+                              timeout=300)
+
+    probe = run(sys.executable, "-c", (
+        "from absl import flags\n"
+        "from ddpm_jax import train\n"
+        "flags.FLAGS(['ddpm-train', '--config=cifar10'])\n"
+        "print(train.__file__, train.default_run_name(flags.FLAGS['config']),"
+        " flags.FLAGS.config.data.dataset, flags.FLAGS.config.model.ch_mult)"
+    ))
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    path, name, dataset, ch_mult = probe.stdout.split(maxsplit=3)
+    assert Path(path).is_relative_to(site)
+    assert (name, dataset, ch_mult.strip()) == ("cifar10", "cifar10", "(1, 2, 2, 2)")
+
+    result = run(sys.executable, "-m", "ddpm_jax.train", "--config.train.num_steps=2",
+                 "--config.train.log_every=1", "--config.eval.every_steps=0",
+                 "--config.sample.num_images=4", "--config.sample.num_steps=2",
+                 f"--config.data.data_dir={tmp_path / 'tfds'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2/2" in result.stderr
+    assert (elsewhere / "runs" / "mnist5k" / "checkpoints" / "2").is_dir()

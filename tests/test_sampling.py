@@ -244,12 +244,13 @@ def test_same_rng_same_samples(sched):
 def test_eps_fn_sees_the_original_timesteps(sched):
     seen = []
 
-    def eps_fn(x, t):
+    def model_fn(x, t):
         jax.debug.callback(lambda t: seen.append(np.asarray(t)), t, ordered=True)
         return optimal_eps(x, t)
 
     jax.jit(
-        lambda rng: sampling.sample(eps_fn, sched, rng, (2, 2, 2, 1), sampler="ddim", num_steps=10)
+        lambda rng: sampling.sample(model_fn, sched, rng, (2, 2, 2, 1), sampler="ddim",
+                                    num_steps=10)
     )(key(0))
     jax.effects_barrier()
     assert [int(t[0]) for t in seen] == reference_timesteps(10)[::-1]
@@ -307,11 +308,11 @@ def test_every_step_follows_its_update_rule(sched, sampler):
 def test_compiles_once(sched):
     traces = []
 
-    def eps_fn(x, t):
+    def model_fn(x, t):
         traces.append(1)
         return optimal_eps(x, t)
 
-    fn = jax.jit(lambda rng: sampling.sample(eps_fn, sched, rng, (2, 4, 4, 1), num_steps=100))
+    fn = jax.jit(lambda rng: sampling.sample(model_fn, sched, rng, (2, 4, 4, 1), num_steps=100))
     fn(key(0)).block_until_ready()
     fn(key(1)).block_until_ready()
     assert len(traces) == 1  # one trace of the scan body for 100 steps and two calls
@@ -352,7 +353,7 @@ def test_make_model_fn(num_classes):
     x, t = jnp.ones((2, 4, 4, 3)), jnp.array([3, 999], jnp.int32)
     y = None if num_classes is None else jnp.array([1, 7], jnp.int32)
     params = jax.jit(model.init)(key(0), x, t, y)["params"]
-    eps_fn = sampling.make_model_fn(model, params, y)
-    np.testing.assert_array_equal(eps_fn(x, t), model.apply({"params": params}, x, t, y))
+    model_fn = sampling.make_model_fn(model, params, y)
+    np.testing.assert_array_equal(model_fn(x, t), model.apply({"params": params}, x, t, y))
     with pytest.raises(ValueError, match="num_classes"):
         sampling.make_model_fn(model, params, jnp.zeros(2, jnp.int32) if y is None else None)

@@ -40,8 +40,8 @@ from absl import logging
 from flax import traverse_util
 
 import ddpm_jax.datasets  # noqa: F401  (registers mnist5k)
+from ddpm_jax import cache
 from ddpm_jax.metrics import statistics
-from ddpm_jax.metrics.reference import cache_root
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -177,7 +177,7 @@ def train_classifier(num_steps: int = TRAIN_STEPS) -> DigitsClassifier:
 def cache_file(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the classifier is cached: ``cache_dir`` (default ``$DDPM_JAX_CACHE``, else
     ``$XDG_CACHE_HOME/ddpm_jax``, else ``~/.cache/ddpm_jax``) / digits_classifier.npz."""
-    return Path(cache_dir if cache_dir is not None else cache_root()) / CACHE_FILE
+    return Path(cache_dir if cache_dir is not None else cache.root()) / CACHE_FILE
 
 
 def _fingerprint(num_steps: int) -> str:

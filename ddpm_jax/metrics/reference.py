@@ -29,19 +29,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from ddpm_jax import cache
 from ddpm_jax.metrics import features as features_lib
 from ddpm_jax.metrics import statistics
 
 POOL_FEATURE = "2048"  # Inception pool3: the features of FID and KID
 FEATURES_SUFFIX = ".features.npy"
-
-
-def cache_root() -> Path:
-    """``$DDPM_JAX_CACHE``, else ``$XDG_CACHE_HOME/ddpm_jax``, else ``~/.cache/ddpm_jax``."""
-    if os.environ.get("DDPM_JAX_CACHE"):
-        return Path(os.environ["DDPM_JAX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ddpm_jax"
 
 
 @dataclass(frozen=True)
@@ -193,7 +186,7 @@ def get_reference(
                 "statistics."
             )
         return reference
-    path = cache_path(source, data_config.image_size, convention, cache_dir or cache_root())
+    path = cache_path(source, data_config.image_size, convention, cache_dir or cache.root())
     if path.exists() and (not need_features or os.path.exists(str(path) + FEATURES_SUFFIX)):
         try:
             reference = load_reference(path, need_features=need_features)

@@ -17,7 +17,7 @@ on each residual stream and outputs ≈ 0. Images are NHWC; the "resolution" of 
 height, as in the original.
 
 Mixed precision: `dtype` is the compute dtype, `param_dtype` the parameter dtype; GroupNorm
-statistics and the attention softmax are always float32, and the output is at least float32.
+statistics, the attention softmax and the output conv are always (at least) float32.
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def _kernel_init(scale: float) -> nn.initializers.Initializer:
 
 
 def _conv(module: nn.Module, features: int, name: str, *, init_scale: float = 1.0, strides: int = 1,
-          padding: Any = 1) -> nn.Conv:
+          padding: Any = 1, dtype: Dtype | None = None) -> nn.Conv:
+    """3×3 conv in ``dtype`` (default: the module's compute dtype)."""
     return nn.Conv(features, (3, 3), strides=strides, padding=padding,
-                   kernel_init=_kernel_init(init_scale), dtype=module.dtype,
+                   kernel_init=_kernel_init(init_scale), dtype=dtype or module.dtype,
                    param_dtype=module.param_dtype, name=name)
 
 
@@ -154,7 +155,8 @@ class AttnBlock(nn.Module):
 # The network.
 # ----------------------------------------------------------------------------------------------
 class UNet(nn.Module):
-    """ε_θ(x_t, t [, y]) of Ho et al. 2020: x [B,H,W,C], t int [B] -> [B,H,W,out_ch] (>= float32).
+    """The network of Ho et al. 2020 (ε_θ there; x_0 or v when trained so): x_t [B,H,W,C],
+    t int [B] -> [B,H,W,out_ch] (>= float32).
 
     Parameter names follow the original TF scopes: `temb_dense{0,1}`, `conv_in`,
     `down_{level}_block_{i}`, `down_{level}_attn_{i}`, `down_{level}_downsample`, `mid_block_1`,
@@ -254,8 +256,9 @@ class UNet(nn.Module):
                 h = self._upsample(h, f"up_{level}_upsample")
 
         h = nn.swish(_group_norm(self, h, "norm_out"))
-        h = _conv(self, self.out_ch, "conv_out", init_scale=0.0)(h)
-        return h.astype(jnp.promote_types(self.dtype, jnp.float32))
+        # The output conv in (at least) float32: the prediction the loss and sampler use.
+        out_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        return _conv(self, self.out_ch, "conv_out", init_scale=0.0, dtype=out_dtype)(h)
 
     def _downsample(self, x: jax.Array, name: str) -> jax.Array:
         """Halves H and W: 3×3 stride-2 conv with TF's "SAME" padding (0 before, 1 after), or
@@ -273,7 +276,8 @@ class UNet(nn.Module):
 
 
 def unet_from_config(model_config: ml_collections.ConfigDict, num_channels: int) -> UNet:
-    """The UNet of a `config.model` section, predicting ε with `num_channels` output channels."""
+    """The UNet of a `config.model` section with `num_channels` output channels (what they mean,
+    ε, x_0 or v, is `config.diffusion.mean_type`)."""
     dtype_name = model_config.get("dtype", "float32")
     if dtype_name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"model.dtype={dtype_name!r}; use 'float32', 'bfloat16' or 'float16'.")

@@ -1,6 +1,6 @@
 """LSUN Church 256x256, unconditional: the paper's 256x256 settings (Ho et al. 2020, Appendix B).
 
-Command:  python -m ddpm_jax.train --config=configs/lsun_church256.py --workdir=runs/lsun_church256
+Command:  python -m ddpm_jax.train --config=lsun_church256 --workdir=runs/lsun_church256
 Data:     TFDS lsun/church_outdoor (center-cropped and area-resized to 256x256 by the pipeline).
 Hardware: the paper used a TPU v3-8 (8 accelerators with >= 16 GB each).
 Time:     the paper reports 2.2 steps/s at batch 64 on a TPU v3-8 for its 256x256 models; its
@@ -11,13 +11,12 @@ The shared settings (model, diffusion, optimizer) are in _paper256.py.
 Random horizontal flips.
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_paper256 = runpy.run_path(str(pathlib.Path(__file__).with_name("_paper256.py")))["get_config"]
+from ddpm_jax.configs import _paper256
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return _paper256(dataset="lsun/church_outdoor", num_steps=1_200_000, random_flip=True)
+    return _paper256.get_config(
+        dataset="lsun/church_outdoor", num_steps=1_200_000, random_flip=True
+    )

@@ -1,7 +1,6 @@
 """LSUN Bedroom 256x256, unconditional: the paper's 256x256 settings (Ho et al. 2020, Appendix B).
 
-Command:  python -m ddpm_jax.train --config=configs/lsun_bedroom256.py \
-            --workdir=runs/lsun_bedroom256
+Command:  python -m ddpm_jax.train --config=lsun_bedroom256 --workdir=runs/lsun_bedroom256
 Data:     TFDS lsun/bedroom (center-cropped and area-resized to 256x256 by the pipeline).
 Hardware: the paper used a TPU v3-8 (8 accelerators with >= 16 GB each).
 Time:     the paper reports 2.2 steps/s at batch 64 on a TPU v3-8 for its 256x256 models; its
@@ -13,13 +12,10 @@ The shared settings (model, diffusion, optimizer) are in _paper256.py.
 No flips: Appendix B uses random flips for every dataset except LSUN Bedroom.
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_paper256 = runpy.run_path(str(pathlib.Path(__file__).with_name("_paper256.py")))["get_config"]
+from ddpm_jax.configs import _paper256
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return _paper256(dataset="lsun/bedroom", num_steps=2_400_000, random_flip=False)
+    return _paper256.get_config(dataset="lsun/bedroom", num_steps=2_400_000, random_flip=False)

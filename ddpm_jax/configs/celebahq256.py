@@ -1,6 +1,6 @@
 """CelebA-HQ 256x256, unconditional: the paper's 256x256 settings (Ho et al. 2020, Appendix B).
 
-Command:  python -m ddpm_jax.train --config=configs/celebahq256.py --workdir=runs/celebahq256
+Command:  python -m ddpm_jax.train --config=celebahq256 --workdir=runs/celebahq256
 Data:     TFDS celeb_a_hq/256 needs a manual download (see its TFDS page); prepare it once and set
           --config.data.data_dir to the TFDS directory holding it.
 Hardware: the paper used a TPU v3-8 (8 accelerators with >= 16 GB each).
@@ -12,13 +12,10 @@ The shared settings (model, diffusion, optimizer) are in _paper256.py.
 Random horizontal flips.
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_paper256 = runpy.run_path(str(pathlib.Path(__file__).with_name("_paper256.py")))["get_config"]
+from ddpm_jax.configs import _paper256
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return _paper256(dataset="celeb_a_hq/256", num_steps=500_000, random_flip=True)
+    return _paper256.get_config(dataset="celeb_a_hq/256", num_steps=500_000, random_flip=True)

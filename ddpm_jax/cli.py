@@ -1,0 +1,55 @@
+"""What the command-line programs share: errors a user can fix end the program with one message.
+
+``python -m ddpm_jax.train / sample / evaluate`` run through ``run``: a ValueError,
+FileNotFoundError, FileExistsError, ImportError or FloatingPointError (bad input, a missing or
+damaged file, a missing package, a diverged run) prints ``<program>: error: <message>`` as the
+last line and exits with status 1, without a traceback; ``DDPM_JAX_TRACEBACK=1`` shows it.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError)
+
+
+def _innermost_message(error: BaseException) -> str:
+    """ml_collections wraps a KeyError's message in an AttributeError: unwrap to the text."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+
+
+def run(main: Callable[[list[str]], None], program: str) -> None:
+    """``absl.app.run(main)`` with user errors reported in one line (see the module docstring).
+
+    A ``--config.<field>`` override naming no field fails while flags are parsed, in
+    ml_collections, with an AttributeError/KeyError that absl does not report as a flag error:
+    it gets the same one-line treatment."""
+    started = False
+
+    def fail(message: str) -> None:
+        sys.stderr.flush()
+        sys.exit(f"{program}: error: {message}")
+
+    def guarded(argv: list[str]) -> None:
+        nonlocal started
+        started = True
+        try:
+            main(argv)
+        except USER_ERRORS as e:
+            if os.environ.get("DDPM_JAX_TRACEBACK"):
+                raise
+            fail(str(e))
+
+    try:
+        app.run(guarded)
+    except (AttributeError, KeyError) as e:
+        if started or os.environ.get("DDPM_JAX_TRACEBACK"):
+            raise
+        fail(f"a --config override names no config field: {_innermost_message(e)}")

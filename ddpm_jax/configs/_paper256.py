@@ -1,0 +1,31 @@
+"""The paper's 256x256 settings (Ho et al. 2020, Appendix B), shared by celebahq256.py,
+lsun_church256.py and lsun_bedroom256.py, which differ only in dataset, length and flips.
+
+Model: ch 128, ch_mult (1, 1, 2, 2, 4, 4), 2 res blocks per level, self-attention at 16x16, no
+dropout (114M parameters). L_simple, T = 1000, linear β 1e-4..0.02, Adam 2e-5 (2e-4 was unstable
+at this size, Appendix B) with 5000 warm-up steps, grad-norm clip 1.0, batch 64, EMA 0.9999.
+Samples use σ_t² = β̃_t ("fixedsmall"), as the original 256x256 code (diffusion_utils.py) does.
+The rest is _default.py's (the CIFAR-10 setting). Not a runnable config itself.
+"""
+
+import ml_collections
+
+from ddpm_jax.configs import _default
+
+
+def get_config(dataset: str, num_steps: int, random_flip: bool) -> ml_collections.ConfigDict:
+    """The paper's 256x256 config for one TFDS ``dataset``."""
+    config = _default.get_config()
+    config.data.dataset = dataset
+    config.data.image_size = 256
+    config.data.random_flip = random_flip
+    config.data.batch_size = 64
+    config.data.shuffle_buffer = 10_000
+    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.dropout = 0.0
+    config.diffusion.var_type = "fixedsmall"  # the original 256x256 code samples with β̃_t
+    config.optim.lr = 2e-5
+    config.train.num_steps = num_steps
+    config.sample.num_images = 16
+    config.eval.batch_size = 64
+    return config
