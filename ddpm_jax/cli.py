@@ -1,9 +1,10 @@
 """What the command-line programs share: errors a user can fix end the program with one message.
 
 ``python -m ddpm_jax.train / sample / evaluate`` run through ``run``: a ValueError,
-FileNotFoundError, FileExistsError, ImportError or FloatingPointError (bad input, a missing or
-damaged file, a missing package, a diverged run) prints ``<program>: error: <message>`` as the
-last line and exits with status 1, without a traceback; ``DDPM_JAX_TRACEBACK=1`` shows it.
+FileNotFoundError, FileExistsError, ImportError, FloatingPointError or CheckpointSaveError (bad
+input, a missing or damaged file, a missing package, a diverged run, a failed save) prints
+``<program>: error: <message>`` as the last line and exits with status 1, without a traceback;
+``DDPM_JAX_TRACEBACK=1`` shows it.
 Anything else is a bug and keeps its traceback.
 """
 
@@ -15,7 +16,10 @@ from collections.abc import Callable
 
 from absl import app
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError)
+from ddpm_jax.checkpointing import CheckpointSaveError
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError,
+               CheckpointSaveError)
 
 
 def _innermost_message(error: BaseException) -> str:

@@ -37,11 +37,28 @@ def is_multiprocess_launch(env: dict[str, str] | None = None) -> bool:
 
 def initialize(distributed: bool | None = None) -> bool:
     """Calls ``jax.distributed.initialize()`` when ``distributed`` is True, or when it is None and
-    ``is_multiprocess_launch()``. Returns whether it did. Call first, before any device use."""
-    if distributed or (distributed is None and is_multiprocess_launch()):
-        jax.distributed.initialize()
-        return True
-    return False
+    ``is_multiprocess_launch()``. Returns whether it did. Call first, before any device use.
+
+    TPU pod slices, SLURM and Open MPI are detected by JAX itself. A manual launch (any machines,
+    any cluster manager) sets JAX_COORDINATOR_ADDRESS=host:port on every process, plus
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID, which are passed on here (JAX reads only the first).
+    CPU collectives across processes use gloo.
+    """
+    if not (distributed or (distributed is None and is_multiprocess_launch())):
+        return False
+    kwargs = {}
+    for variable, argument in (("JAX_NUM_PROCESSES", "num_processes"),
+                               ("JAX_PROCESS_ID", "process_id")):
+        if variable in os.environ:
+            try:
+                kwargs[argument] = int(os.environ[variable])
+            except ValueError:
+                raise ValueError(
+                    f"{variable}={os.environ[variable]!r} must be an integer."
+                ) from None
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    return True
 
 
 def split_cpu_into_devices(batch_size: int, count: int = -1) -> None:
