@@ -4,7 +4,7 @@ A workdir names a run::
 
     workdir/config.json            the run's config (refused if a new config is incompatible)
     workdir/checkpoints/<step>/    state: params, EMA params, optimizer state, step, rng (Orbax)
-                                   meta:  JSON with the step, the data-iterator position, the config
+                                   meta:  JSON with the step (where the data resume) and the config
 
 Saves are asynchronous (Orbax ``CheckpointManager``) and written collectively by all processes.
 The last ``max_to_keep`` checkpoints are kept for preemption, plus every ``keep_period``-th step
@@ -312,7 +312,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         self.wait()
-        meta = {"step": step, "data_position": step, "config": self._config}
+        meta = {"step": step, "config": self._config}  # the data restart at "step" too
         with self._save_errors(step):
             started = self._manager.save(
                 step,
