@@ -58,6 +58,8 @@ _COMPATIBILITY_FIELDS = (
     "data.class_conditional",
 )
 _FREE_MODEL_FIELDS = ("dropout", "dtype")
+# Fields added later, with the value that runs saved before them had.
+_ADDED_FIELDS = {"model.p_uncond": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,8 +104,8 @@ def incompatible_fields(
     saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict
 ) -> list[str]:
     """'field: saved != new' for every field that stops ``new`` from continuing ``saved``'s run."""
-    old_flat = _flatten(config_to_dict(saved))
-    new_flat = _flatten(config_to_dict(new))
+    old_flat = _ADDED_FIELDS | _flatten(config_to_dict(saved))
+    new_flat = _ADDED_FIELDS | _flatten(config_to_dict(new))
     free = {f"model.{f}" for f in _FREE_MODEL_FIELDS}
     diffs = []
     for key in sorted(set(old_flat) | set(new_flat)):

@@ -3,7 +3,8 @@
 Scores a run the way the literature does (see ``ddpm_jax.evaluation``):
 
 1. draws exactly ``--num_samples`` samples from the EMA params of the latest checkpoint (or
-   ``--checkpoint``) with the config's sampler or ``--sampler/--steps/--eta``, through the sample
+   ``--checkpoint``) with the config's sampler or ``--sampler/--steps/--eta`` (and classifier-free
+   guidance ``--guidance=w``, default the config's sample.guidance), through the sample
    program's resumable chunks (``<workdir>/samples_<sampler>_<steps>``, or ``--out``): a rerun
    after a preemption reuses every finished chunk; or scores an existing ``--samples`` NPZ
    (uint8 NHWC under "arr_0", + "labels"), e.g. from another tool;
@@ -22,6 +23,7 @@ IS 9.46):
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -54,6 +56,10 @@ _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the confi
                               allow_override=True)
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).", allow_override=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", allow_override=True)
+_GUIDANCE = flags.DEFINE_float(
+    "guidance", None, "Classifier-free guidance scale w (default: the config's sample.guidance).",
+    allow_override=True,
+)
 _OUT = flags.DEFINE_string("out", None, "Sample directory (default: <workdir>/samples_<sampler>_"
                            "<steps>, shared with ddpm_jax.sample).", allow_override=True)
 _CONVENTION = flags.DEFINE_enum(
@@ -115,7 +121,8 @@ def _reference_only() -> None:
 
     from ddpm_jax.metrics import inception, reference
 
-    parallel.initialize(_DISTRIBUTED.value)
+    if not parallel.initialize(_DISTRIBUTED.value):
+        parallel.split_cpu_into_devices(_FEATURE_BATCH.value)  # a CPU: one device per core
     cache.enable_compilation_cache()
     data_config = ml_collections.ConfigDict(dict(
         dataset="", split="train", data_dir=_DATA_DIR.value, image_size=_IMAGE_SIZE.value,
@@ -152,7 +159,9 @@ def main(argv: list[str]) -> None:
         raise FileNotFoundError(f"--samples={_SAMPLES.value} does not exist.")
     if "bpd" in metrics and not sources:
         raise app.UsageError("bpd needs a model: pass --workdir or --checkpoint.")
-    parallel.initialize(_DISTRIBUTED.value)
+    if not parallel.initialize(_DISTRIBUTED.value):  # a CPU: one device per core dividing both
+        parallel.split_cpu_into_devices(math.gcd(_BATCH_SIZE.value, _FEATURE_BATCH.value,
+                                                 _BPD_BATCH.value))
     cache.enable_compilation_cache()
     mesh = parallel.make_data_mesh()
 
@@ -187,14 +196,16 @@ def main(argv: list[str]) -> None:
             sampler, num_steps, eta = generation.sampler_settings(
                 config, _SAMPLER.value, _STEPS.value, _ETA.value
             )
+            guidance = generation.guidance_setting(config, _GUIDANCE.value)
             steps = num_steps or config.diffusion.num_timesteps
-            out = _OUT.value or os.path.join(_WORKDIR.value, f"samples_{sampler}_{steps}")
+            out = _OUT.value or generation.default_out(_WORKDIR.value, sampler, steps, guidance)
             samples_path = generation.generate_samples(
                 params, config, out, num_samples=_NUM_SAMPLES.value,
                 batch_size=_BATCH_SIZE.value, sampler=sampler, num_steps=num_steps, eta=eta,
-                seed=_SEED.value, checkpoint_step=step,
+                seed=_SEED.value, guidance=guidance, checkpoint_step=step,
             )
-            settings = dict(sampler=sampler, num_steps=steps, eta=eta, checkpoint_step=step)
+            settings = dict(sampler=sampler, num_steps=steps, eta=eta, guidance=guidance,
+                            checkpoint_step=step)
         _score_samples(scorer, samples_path)
         results.append((scorer.result(), scorer.protocol(**settings)))
     if "bpd" in metrics:

@@ -69,6 +69,7 @@ class Protocol:
     sampler: str | None = None  # None: samples from elsewhere (--samples)
     num_steps: int | None = None
     eta: float | None = None
+    guidance: float | None = None  # classifier-free guidance scale w; None/0: unguided
     checkpoint_step: int | None = None
     convention: str | None = None  # Inception metrics only
     reference: str | None = None
@@ -79,6 +80,8 @@ class Protocol:
         parts = [str(self.num_samples)]
         if self.sampler:
             parts.append(f"{self.sampler}{self.num_steps}")
+        if self.guidance:
+            parts.append(f"w{self.guidance:g}")
         if self.convention:
             parts.append(self.convention)
         return "_".join(parts)
@@ -245,6 +248,8 @@ def describe(metrics: dict[str, float], protocol: Protocol) -> str:
     context = [f"{protocol.num_samples} samples"]
     if protocol.sampler:
         context.append(f"{protocol.sampler} {protocol.num_steps} steps")
+    if protocol.guidance:
+        context.append(f"guidance w={protocol.guidance:g}")
     if protocol.convention:
         context.append(f"{protocol.convention} convention")
     if protocol.reference:
@@ -360,7 +365,10 @@ def training_eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any] 
                                 num_steps=num_steps, eta=eta, var_type=config.diffusion.var_type)
     if eval_config.num_samples <= 0 or eval_config.every_steps < 0:
         raise ValueError("config.eval.num_samples must be positive and every_steps >= 0.")
-    return dict(metrics=metrics, sampler=sampler, num_steps=num_steps, eta=eta)
+    guidance = config.sample.get("guidance", 0.0)
+    generation.check_labels("random", config.model.get("num_classes"), guidance,
+                            config.model.get("p_uncond", 0.0))
+    return dict(metrics=metrics, sampler=sampler, num_steps=num_steps, eta=eta, guidance=guidance)
 
 
 def make_training_evaluator(
@@ -383,7 +391,7 @@ def make_training_evaluator(
     scorer = SampleScorer(settings["metrics"], config.data, mesh, **scorer_kw)
     generate = generation.make_generate_fn(
         model, config, mesh, batch_size=eval_config.batch_size, sampler=settings["sampler"],
-        num_steps=settings["num_steps"], eta=settings["eta"],
+        num_steps=settings["num_steps"], eta=settings["eta"], guidance=settings["guidance"],
     )
     num_samples, batch_size = eval_config.num_samples, eval_config.batch_size
     root_key = keys.stream(config.seed, keys.EVAL)
@@ -400,7 +408,7 @@ def make_training_evaluator(
             scorer.add(np.asarray(images)[:n], np.asarray(labels)[:n] if conditional else None)
         return scorer.result(), scorer.protocol(
             sampler=settings["sampler"], num_steps=steps, eta=settings["eta"],
-            checkpoint_step=step,
+            guidance=settings["guidance"], checkpoint_step=step,
         )
 
     return evaluate

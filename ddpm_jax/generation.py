@@ -9,7 +9,8 @@
     grid.png                 the first 64 samples
     trajectory_x_t.png,      with trajectory=True: the denoising film of the first samples (x_t
     trajectory_pred_x0.png   and the predicted x_0 every few steps, then the final sample)
-    sampling.json            the settings the chunks were drawn with
+    sampling.json            the settings the chunks were drawn with (sampler, steps, labels,
+                             guidance scale, ...)
 
 Chunk c is drawn with the key fold_in(keys.stream(seed, keys.SAMPLE), c), so a rerun after
 preemption skips the chunks on disk and produces the same images as an uninterrupted run;
@@ -96,10 +97,49 @@ def sampler_settings(
     return sampler, num_steps, eta
 
 
+def guidance_setting(config: ml_collections.ConfigDict, guidance: float | None = None) -> float:
+    """The classifier-free guidance scale: the given one, else the config's sample.guidance."""
+    return float(guidance if guidance is not None else config.sample.get("guidance", 0.0))
+
+
+def default_out(workdir: str, sampler: str, steps: int, guidance: float = 0.0,
+                labels: Labels = "random") -> str:
+    """``<workdir>/samples_<sampler>_<steps>[_w<guidance>][_<labels>]``: one directory per
+    setting, since a directory holds the chunks of one setting only."""
+    name = f"samples_{sampler}_{steps}" + (f"_w{guidance:g}" if guidance else "")
+    if labels != "random":
+        name += "_" + (labels if isinstance(labels, str) else "y" + "-".join(map(str, labels)))
+    return os.path.join(workdir, name)
+
+
 # ----------------------------------------------------------------------------------------------
 # The sampler.
 # ----------------------------------------------------------------------------------------------
-LABELS = ("random", "grid")
+LABELS = ("random", "grid", "none")
+Labels = str | tuple[int, ...]
+
+
+def check_labels(labels: Labels, num_classes: int | None, guidance: float, p_uncond: float) -> None:
+    """Raise ValueError for a ``labels``/``guidance`` pair ``make_generate_fn`` would reject."""
+    if isinstance(labels, str):
+        if labels not in LABELS:
+            raise ValueError(f"labels={labels!r}: use one of {LABELS} or a tuple of classes.")
+    elif not labels or any(not 0 <= k < (num_classes or 0) for k in labels):
+        raise ValueError(
+            f"labels={labels}: a tuple of classes needs a class-conditional model and classes in "
+            f"0..{(num_classes or 0) - 1}, got num_classes={num_classes}."
+        )
+    if labels == "none" and num_classes and not p_uncond:
+        raise ValueError(
+            "labels='none' (unconditional samples) needs a model trained with label dropout "
+            "(config.model.p_uncond > 0); this one has no 'no class' embedding."
+        )
+    if guidance and (labels == "none" or not num_classes):
+        raise ValueError(
+            f"guidance={guidance} needs class labels: with labels='none' or an unconditional "
+            "model there is nothing to guide towards. Use guidance=0."
+        )
+    sampling.check_guidance(guidance, bool(num_classes) and p_uncond > 0)
 
 
 def make_generate_fn(
@@ -111,7 +151,8 @@ def make_generate_fn(
     sampler: str,
     num_steps: int | None,
     eta: float,
-    labels: str = "random",
+    labels: Labels = "random",
+    guidance: float = 0.0,
     return_trajectory: bool = False,
 ) -> Callable[..., tuple[jax.Array, ...]]:
     """Jitted ``(params, key, chunk) -> (uint8 images [B, H, W, C], labels [B] int32)`` drawn
@@ -119,32 +160,39 @@ def make_generate_fn(
     divide it (else every device draws all of it).
 
     The one builder of sampled images: the sample and evaluate programs, and the trainer's grids
-    and evaluations. Class-conditional labels are ``"random"`` (uniform) or ``"grid"``
-    (i mod K: column k of a K-column grid shows class k); zeros for an unconditional model.
-    With ``return_trajectory`` it also returns uint8 frames [F, 8, H, W, C] of x_t and pred_x0.
+    and evaluations. Class-conditional labels are ``"random"`` (uniform), ``"grid"`` (i mod K:
+    column k of a K-column grid shows class k), a tuple of classes (i-th sample: labels[i mod n])
+    or ``"none"`` (the "no class" label K of a model trained with label dropout: unconditional
+    samples); zeros for an unconditional model. ``guidance`` w is classifier-free guidance
+    (``sampling.make_model_fn``). With ``return_trajectory`` it also returns uint8 frames
+    [F, 8, H, W, C] of x_t and pred_x0.
     """
-    if labels not in LABELS:
-        raise ValueError(f"labels={labels!r}: use one of {LABELS}.")
+    num_classes = config.model.get("num_classes")
+    check_labels(labels, num_classes, guidance, config.model.get("p_uncond", 0.0))
     sampling.check_sampler_args(
         config.diffusion.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta,
         var_type=config.diffusion.var_type,
     )
     size, channels = config.data.image_size, config.data.num_channels
     shape = (batch_size, size, size, channels)
-    num_classes = config.model.get("num_classes")
     sched = diffusion.schedule_from_config(config.diffusion)
     split = batch_size % mesh.size == 0
     batch_sharding = NamedSharding(mesh, P("data") if split else P())
 
     def generate(params: PyTree, key: jax.Array, chunk: jax.Array) -> tuple[jax.Array, ...]:
         label_key, sample_key = jax.random.split(jax.random.fold_in(key, chunk))
+        index = jnp.arange(batch_size, dtype=jnp.int32)
         if not num_classes:
             y = jnp.zeros((batch_size,), jnp.int32)
         elif labels == "grid":
-            y = jnp.arange(batch_size, dtype=jnp.int32) % num_classes
-        else:
+            y = index % num_classes
+        elif labels == "none":
+            y = jnp.full((batch_size,), num_classes, jnp.int32)
+        elif labels == "random":
             y = jax.random.randint(label_key, (batch_size,), 0, num_classes, jnp.int32)
-        network = sampling.make_model_fn(model, params, y if num_classes else None)
+        else:
+            y = jnp.asarray(labels, jnp.int32)[index % len(labels)]
+        network = sampling.make_model_fn(model, params, y if num_classes else None, guidance)
 
         def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:  # keep the chain's batch split
             return network(jax.lax.with_sharding_constraint(x, batch_sharding), t)
@@ -256,11 +304,14 @@ def generate_samples(
     num_steps: int | None,
     eta: float,
     seed: int,
+    labels: Labels = "random",
+    guidance: float = 0.0,
     trajectory: bool = False,
     checkpoint_step: int | None = None,
 ) -> Path:
     """Draw ``num_samples`` images from ``params`` into ``out`` (see the module docstring), skipping
-    chunks already there. Returns the path of samples.npz."""
+    chunks already there; ``labels`` and ``guidance`` as in ``make_generate_fn``. Returns the path
+    of samples.npz (with "labels" unless the samples are unconditional)."""
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}.")
     out = Path(out)
@@ -271,11 +322,13 @@ def generate_samples(
             f"(e.g. {mesh.size * max(1, batch_size // mesh.size)})."
         )
     model = unet_from_config(config.model, config.data.num_channels)
-    kw = dict(batch_size=batch_size, sampler=sampler, num_steps=num_steps, eta=eta)
+    kw = dict(batch_size=batch_size, sampler=sampler, num_steps=num_steps, eta=eta,
+              labels=labels, guidance=guidance)
     generate = make_generate_fn(model, config, mesh, **kw)
-    conditional = bool(config.model.get("num_classes"))
+    conditional = bool(config.model.get("num_classes")) and labels != "none"
     _check_settings(out, dict(
-        kw, seed=seed, checkpoint_step=checkpoint_step, image_shape=[
+        kw, labels=labels if isinstance(labels, str) else list(labels), seed=seed,
+        checkpoint_step=checkpoint_step, image_shape=[
             config.data.image_size, config.data.image_size, config.data.num_channels],
         num_classes=config.model.get("num_classes"), clip_denoised=config.sample.clip_denoised,
         var_type=config.diffusion.var_type, mean_type=config.diffusion.mean_type,

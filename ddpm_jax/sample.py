@@ -2,7 +2,8 @@
 
 Draws ``--num_samples`` images (default 50,000, for FID) from the EMA params of a checkpoint (the
 latest of ``--workdir``, or the step directory ``--checkpoint``) into ``--out`` (default
-``<workdir>/samples_<sampler>_<steps>``): chunk files, the merged ``samples.npz`` (uint8 NHWC
+``<workdir>/samples_<sampler>_<steps>[_w<guidance>][_<labels>]``) with ``--labels`` and
+classifier-free guidance ``--guidance=w``: chunk files, the merged ``samples.npz`` (uint8 NHWC
 under "arr_0", + "labels"), ``grid.png`` and with ``--trajectory`` the denoising film; see
 ``ddpm_jax.generation``. A rerun after preemption skips the chunks already on disk and gives the
 same images. Launched as several processes (or with ``--distributed``) it calls
@@ -11,7 +12,6 @@ same images. Launched as several processes (or with ``--distributed``) it calls
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import app, flags, logging
@@ -50,9 +50,32 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "shows several processes (JAX_COORDINATOR_ADDRESS, TPU_WORKER_HOSTNAMES, SLURM, Open MPI).",
     allow_override=True,  # ddpm_jax.train defines --distributed too
 )
+_GUIDANCE = flags.DEFINE_float(
+    "guidance", None, "Classifier-free guidance scale w: ε̂ = (1+w) ε(x_t, y) - w ε(x_t, ∅) "
+    "(default: the config's sample.guidance). Needs a model trained with model.p_uncond > 0.",
+)
+_LABELS = flags.DEFINE_string(
+    "labels", "random", "Class-conditional models: 'random' (uniform), one class ('3'), a list "
+    "('1,4,7', cycled over the samples), 'all' (i mod K: column k of a K-column grid is class "
+    "k) or 'none' (unconditional, from a model trained with label dropout).",
+)
 _TRAJECTORY = flags.DEFINE_bool(
     "trajectory", False, "Also write the denoising film of the first samples as PNG strips."
 )
+
+
+def parse_labels(text: str) -> generation.Labels:
+    """``--labels``: 'random', 'all' (the "grid" labels), 'none', or comma-separated classes."""
+    if text in ("random", "none"):
+        return text
+    if text == "all":
+        return "grid"
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise app.UsageError(
+            f"--labels={text!r}: use random, all, none, one class (3) or a list (1,4,7)."
+        ) from None
 
 
 def main(argv: list[str]) -> None:
@@ -62,20 +85,25 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("Pass exactly one of --workdir and --checkpoint.")
     if _CHECKPOINT.value is not None and _OUT.value is None:
         raise app.UsageError("With --checkpoint, pass --out too.")
-    parallel.initialize(_DISTRIBUTED.value)  # before anything touches the devices
+    if not parallel.initialize(_DISTRIBUTED.value):  # before anything touches the devices
+        parallel.split_cpu_into_devices(_BATCH_SIZE.value)  # a CPU: one device per core
     cache.enable_compilation_cache()
     params, config, step = generation.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value)
     sampler, num_steps, eta = generation.sampler_settings(
         config, _SAMPLER.value, _STEPS.value, _ETA.value
     )
+    guidance = generation.guidance_setting(config, _GUIDANCE.value)
+    labels = parse_labels(_LABELS.value)
     steps_name = num_steps or config.diffusion.num_timesteps
-    out = _OUT.value or os.path.join(_WORKDIR.value, f"samples_{sampler}_{steps_name}")
-    logging.info("Checkpoint step %d: %s, %s steps, eta %s.", step, sampler, steps_name, eta)
+    out = _OUT.value or generation.default_out(_WORKDIR.value, sampler, steps_name, guidance,
+                                                labels)
+    logging.info("Checkpoint step %d: %s, %s steps, eta %s, guidance %s, labels %s.", step,
+                 sampler, steps_name, eta, guidance, labels)
     path = generation.generate_samples(
         params, config, out,
         num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, sampler=sampler,
-        num_steps=num_steps, eta=eta, seed=_SEED.value, trajectory=_TRAJECTORY.value,
-        checkpoint_step=step,
+        num_steps=num_steps, eta=eta, seed=_SEED.value, labels=labels, guidance=guidance,
+        trajectory=_TRAJECTORY.value, checkpoint_step=step,
     )
     logging.info("Wrote %s", path)
 

@@ -5,8 +5,9 @@ number of steps and a jitted sampler compiles once. The model enters only as
 ``model_fn(x_t, t) -> model output`` (ε, x_0 or v as ``mean_type`` says), called with the ORIGINAL
 timestep indices 0..T-1 of the full schedule, also when the chain is respaced (as
 improved-diffusion's ``_WrappedModel`` does), so a network trained on T steps needs no change.
-A class-conditional model gets its labels through the closure (``make_model_fn(..., y=labels)``):
-``sample`` itself never sees labels.
+A class-conditional model gets its labels through the closure (``make_model_fn(..., y=labels)``),
+and classifier-free guidance too (``make_model_fn(..., guidance=w)``: one batched network call per
+step, inside the same scan): ``sample`` itself never sees labels.
 
 ``sample`` is jittable with everything but ``rng`` static, e.g.::
 
@@ -233,11 +234,37 @@ def sample(
     return carry[0], Trajectory(x_t=carry[1], pred_x0=carry[2], timesteps=frame_timesteps)
 
 
-def make_model_fn(model: Any, params: Any, y: jax.Array | None = None) -> diffusion.ModelFn:
-    """``model_fn(x_t, t) = model.apply({'params': params}, x_t, t, y=y, train=False)``.
+def check_guidance(guidance: float, null_class: bool) -> None:
+    """Raise ValueError unless ``guidance`` w >= 0 and, for w > 0, the model has the "no class"
+    embedding (``null_class``: trained with label dropout, config.model.p_uncond > 0)."""
+    if not guidance >= 0:
+        raise ValueError(f"guidance must be a number >= 0 (w = 0: no guidance), got {guidance}.")
+    if guidance and not null_class:
+        raise ValueError(
+            f"guidance={guidance} needs a class-conditional model trained with label dropout "
+            "(config.model.p_uncond > 0), which learns the 'no class' prediction f(x_t, ∅); this "
+            "model has none. Sample it with guidance=0, or retrain with model.p_uncond=0.1."
+        )
+
+
+def make_model_fn(
+    model: Any, params: Any, y: jax.Array | None = None, guidance: float = 0.0
+) -> diffusion.ModelFn:
+    """``model_fn(x_t, t) = model.apply({'params': params}, x_t, t, y=y, train=False)``, or with
+    ``guidance`` w > 0 its classifier-free-guided version (Ho & Salimans 2022, eq. 6):
+
+        f̃(x_t, y) = (1 + w) f(x_t, y) - w f(x_t, ∅)
+
+    from ONE network call on the batch [x_t; x_t] with labels [y; ∅] (∅ = label
+    ``model.num_classes``, the "no class" embedding of a model trained with label dropout).
+    f is the network's output, ε, x_0 or v: each of them is affine in ε at fixed (x_t, t)
+    (x_0 = (x_t - sqrt(1-ᾱ_t) ε)/sqrt(ᾱ_t), v = (ε - sqrt(1-ᾱ_t) x_t)/sqrt(ᾱ_t)) and the weights
+    (1 + w, -w) sum to 1, so combining outputs is the paper's ε̃ in every parameterisation.
+    w = 0 is the plain conditional call (no unconditional half).
 
     ``y`` (int32 [B]) are the class labels of a class-conditional model (``model.num_classes``
-    set); an unconditional model takes none.
+    set; label ``num_classes`` samples unconditionally from a model with a "no class" row); an
+    unconditional model takes none. ``guidance`` is a Python float.
     """
     num_classes = getattr(model, "num_classes", None)
     if (num_classes is None) != (y is None):
@@ -246,8 +273,21 @@ def make_model_fn(model: Any, params: Any, y: jax.Array | None = None) -> diffus
             f"{'None' if y is None else 'given'}: pass labels y (int32 [batch]) exactly when the "
             "model is class-conditional."
         )
+    check_guidance(guidance, getattr(model, "null_class", False))
 
     def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
         return model.apply({"params": params}, x_t, t, y=y, train=False)
 
-    return model_fn
+    if not guidance:
+        return model_fn
+
+    def guided_model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        null = jnp.full_like(y, num_classes)
+        out = model.apply(
+            {"params": params}, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+            y=jnp.concatenate([y, null]), train=False,
+        )
+        cond, uncond = jnp.split(out, 2)
+        return (1.0 + guidance) * cond - guidance * uncond
+
+    return guided_model_fn

@@ -4,8 +4,10 @@ One linear trainer (``train_and_evaluate``) around a pure ``train_step``:
 
 * Parallelism: ``jax.jit`` over a 1-D ('data',) ``Mesh`` of every device of every process; the
   state is replicated, the global batch is split along its batch axis, the state is donated.
-* Objective: L_simple (Ho et al. 2020, eq. 14), t ~ U{0..T-1}, ε ~ N(0, I); the keys for t, ε and
-  dropout are ``fold_in(state.rng, step)``, so a run is a pure function of (config, step).
+* Objective: L_simple (Ho et al. 2020, eq. 14), t ~ U{0..T-1}, ε ~ N(0, I); the keys for t, ε,
+  dropout and label dropout are ``fold_in(state.rng, step)``, so a run is a pure function of
+  (config, step). With ``config.model.p_uncond`` > 0 each label is replaced by the "no class"
+  label K with that probability (classifier-free guidance, Ho & Salimans 2022, Alg. 1).
 * Optimizer: Adam with linear warm-up and global-norm clipping; an fp32 EMA of the params is kept
   in the state and is what sampling and evaluation use. ``config.model.dtype`` sets the compute
   dtype only: params, optimizer state, EMA and loss stay float32.
@@ -150,6 +152,13 @@ def _group_clipped_grads(
     return grads, losses.reshape(-1), jnp.mean(norms)
 
 
+def drop_labels(rng: jax.Array, y: jax.Array, p_uncond: float, null_label: int) -> jax.Array:
+    """Label dropout for classifier-free guidance (Ho & Salimans 2022, Alg. 1): each label becomes
+    ``null_label`` (the "no class" ∅) independently with probability ``p_uncond``."""
+    drop = jax.random.bernoulli(rng, p_uncond, y.shape)
+    return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -169,11 +178,15 @@ def make_train_step(
     lr_fn = learning_rate_schedule(config.optim)
     decay = config.train.ema_decay
     mean_type = config.diffusion.mean_type
+    p_uncond = config.model.get("p_uncond", 0.0)
+    null_label = config.model.get("num_classes")
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
         x0, y = batch["image"], batch.get("label")
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+        if p_uncond > 0 and y is not None:  # its own stream: t, ε and dropout stay as without
+            y = drop_labels(jax.random.fold_in(step_rng, 3), y, p_uncond, null_label)
         t = jax.random.randint(t_rng, x0.shape[:1], 0, num_timesteps, dtype=jnp.int32)
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
 
@@ -540,7 +553,7 @@ def train_and_evaluate(
         grid_fn = generation.make_generate_fn(
             model, config, mesh, batch_size=config.sample.num_images,
             sampler=config.sample.sampler, num_steps=config.sample.num_steps,
-            eta=config.sample.eta, labels="grid",
+            eta=config.sample.eta, labels="grid", guidance=config.sample.get("guidance", 0.0),
         ).lower(abstract_state.ema_params, grid_key, np.int32(0)).compile()
 
     ckpt = checkpointing.Checkpointer(

@@ -201,8 +201,9 @@ def test_a_failed_save_stops_training_and_keeps_the_earlier_checkpoint(run, tmp_
     assert len(errors) == 1, result.stderr[-3000:]
     error = errors[0]
     assert "File too large" in error
-    assert error.endswith("The earlier checkpoints (steps [2]) are intact: free space there (or "
-                          "fix the storage) and rerun the same command; it resumes from step 2.")
+    # Orbax's writer threads may print onto the same line after it: look inside the line.
+    assert ("The earlier checkpoints (steps [2]) are intact: free space there (or fix the "
+            "storage) and rerun the same command; it resumes from step 2.") in error
     assert (checkpoints / "2").is_dir() and not (checkpoints / "4").exists()
 
     result = _train(workdir, env, keep_one)

@@ -105,6 +105,14 @@ def test_compatible_config_updates_the_workdir(tmp_path):
     assert checkpointing.read_config(tmp_path).train.num_steps == 20
 
 
+def test_a_run_saved_before_label_dropout_existed_stays_resumable(tmp_path):
+    """Its config.json has no model.p_uncond: it is read as 0, today's parameter shapes."""
+    checkpointing.write_config(tmp_path, _config())
+    checkpointing.write_config(tmp_path, _config(p_uncond=0.0))
+    with pytest.raises(ValueError, match="model.p_uncond: 0.0 .saved. != 0.1"):
+        checkpointing.write_config(tmp_path, _config(p_uncond=0.1))
+
+
 @pytest.mark.parametrize(
     "change", [("model", "ch", 64), ("diffusion", "num_timesteps", 500), ("data", "image_size", 32)]
 )

@@ -76,7 +76,7 @@ def test_fid_is_kid_end_to_end_and_resumed(workdir, inception_weights, tmp_path,
     assert "10 samples, ddim 2 steps, tf convention" in first.stdout
     [record] = json.loads(results.read_text())
     assert record["protocol"] == dict(
-        num_samples=10, sampler="ddim", num_steps=2, eta=0.0, checkpoint_step=5,
+        num_samples=10, sampler="ddim", num_steps=2, eta=0.0, guidance=0.0, checkpoint_step=5,
         convention="tf", reference=str(tmp_path / "ref.npz"), reference_images=12)
 
     # The same figures computed directly from the sample file and the reference images.

@@ -2,6 +2,7 @@
 class labels and errors. Compiling the sampler is the cost here: each test compiles at most once.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -171,3 +172,61 @@ def test_damaged_checkpoint_is_a_clear_error(workdir, tmp_path, repo_env):
     assert result.returncode != 0
     assert f"Could not read a checkpoint from {damaged}:" in result.stderr
     assert not list(damaged.glob("samples_*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-free guidance: --guidance and --labels.
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def guided_workdir(tmp_path_factory):
+    """A 3-class checkpoint trained (here: random weights) with label dropout: 4 embedding rows."""
+    config = tiny_config(num_classes=3)
+    config.data.class_conditional = True
+    config.model.p_uncond = 0.1
+    path = tmp_path_factory.mktemp("guided_run")
+    checkpointing.save_params_checkpoint(path, random_params(config), config, step=5)
+    return path
+
+
+def test_cli_guidance_and_label_grid_end_to_end(guided_workdir, repo_env):
+    env = dict(repo_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = run_cli(env, f"--workdir={guided_workdir}", "--num_samples=6", "--batch_size=6",
+                     "--sampler=ddim", "--steps=2", "--guidance=2", "--labels=all")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = guided_workdir / "samples_ddim_2_w2_grid"
+    settings = json.loads((out / generation.SETTINGS_FILE).read_text())
+    assert settings["guidance"] == 2.0 and settings["labels"] == "grid"
+    np.testing.assert_array_equal(load(out / "samples.npz", "labels"), [0, 1, 2, 0, 1, 2])
+
+
+def test_labels_list_none_and_refusals(guided_workdir, workdir, tmp_path):
+    params, config, _ = checkpointing.load_ema_params(guided_workdir)
+    settings = dict(SETTINGS, num_steps=2)
+    path = generation.generate_samples(params, config, tmp_path / "list", num_samples=8,
+                                       labels=(2, 0), guidance=1.0, **settings)
+    np.testing.assert_array_equal(load(path, "labels"), [2, 0] * 4)
+    with pytest.raises(ValueError, match="guidance: 1.0 on disk != 0.5 now"):
+        generation.generate_samples(params, config, tmp_path / "list", num_samples=8,
+                                    labels=(2, 0), guidance=0.5, **settings)
+    path = generation.generate_samples(params, config, tmp_path / "none", num_samples=8,
+                                       labels="none", **settings)
+    with np.load(path) as f:  # unconditional samples carry no labels
+        assert f.files == ["arr_0"]
+    with pytest.raises(ValueError, match="nothing to guide"):
+        generation.generate_samples(params, config, tmp_path / "x", num_samples=8,
+                                    labels="none", guidance=1.0, **settings)
+    with pytest.raises(ValueError, match="classes in 0..2"):
+        generation.generate_samples(params, config, tmp_path / "x", num_samples=8,
+                                    labels=(3,), **settings)
+    with pytest.raises(app.UsageError, match="--labels='seven'"):
+        run_main(f"--workdir={guided_workdir}", "--labels=seven")
+    # A model trained without label dropout refuses guidance (here: an unconditional one) ...
+    with pytest.raises(ValueError, match="needs class labels"):
+        run_main(f"--workdir={workdir}", f"--out={tmp_path / 'x'}", "--guidance=1")
+    # ... and a class-conditional one without the "no class" row, at the sampler.
+    del config.model["p_uncond"]
+    params = dict(params, class_embed={"embedding": params["class_embed"]["embedding"][:3]})
+    with pytest.raises(ValueError, match="trained with label dropout"):
+        generation.generate_samples(params, config, tmp_path / "x", num_samples=8,
+                                    guidance=1.0, **settings)
+    assert not (tmp_path / "x").exists()

@@ -419,3 +419,63 @@ def test_optimizer_state_has_one_structure_whatever_the_clipping():
         optim.grad_clip, optim.clip_groups = grad_clip, groups
         structures.add(jax.tree.structure(training.make_optimizer(optim).init(params)))
     assert len(structures) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Label dropout for classifier-free guidance (config.model.p_uncond).
+# ----------------------------------------------------------------------------------------------
+def guided_tiny_config(p_uncond: float, **train) -> ml_collections.ConfigDict:
+    config = tiny_config(**train)
+    config.data.class_conditional = True
+    config.model.num_classes = 10
+    config.model.p_uncond = p_uncond
+    return config
+
+
+def test_label_dropout_rate_is_the_configured_one(monkeypatch):
+    n, p = 200_000, 0.1
+    y = jnp.arange(n, dtype=jnp.int32) % 10
+    dropped = training.drop_labels(jax.random.key(0), y, p, 10)
+    rate = float(jnp.mean(dropped == 10))
+    assert abs(rate - p) < 5 * np.sqrt(p * (1 - p) / n)
+    kept = dropped != 10
+    np.testing.assert_array_equal(dropped[kept], y[kept])
+    # The train step drops with the config's rate and the "no class" label num_classes.
+    seen = []
+    monkeypatch.setattr(training, "drop_labels",
+                        lambda rng, y, p_uncond, null: seen.append((p_uncond, null)) or y)
+    config = guided_tiny_config(0.25)
+    model = unet_from_config(config.model, config.data.num_channels)
+    tx = training.make_optimizer(config.optim)
+    sched = diffusion.schedule_from_config(config.diffusion)
+    state = training.create_train_state(config, model, tx, jax.random.key(0))
+    assert state.params["class_embed"]["embedding"].shape[0] == 11  # K + 1 rows: ∅ is row K
+    batch = {"image": jnp.zeros((8, 16, 16, 1)), "label": jnp.zeros((8,), jnp.int32)}
+    jax.eval_shape(training.make_train_step(config, model, tx, sched), state, batch)
+    assert seen == [(0.25, 10)]
+
+
+def test_no_label_dropout_keeps_todays_parameter_shapes():
+    config = guided_tiny_config(0.0)
+    model = unet_from_config(config.model, config.data.num_channels)
+    shapes = jax.eval_shape(lambda: training.create_train_state(
+        config, model, training.make_optimizer(config.optim), jax.random.key(0)))
+    assert shapes.params["class_embed"]["embedding"].shape[0] == 10
+
+
+def test_resumed_run_with_label_dropout_is_bit_identical(tmp_path):
+    """In process: 4 steps straight, and 2 steps then a resume from that checkpoint to 4."""
+    kw = dict(log_every=2, checkpoint_every=2, sample_every=0)
+    straight = training.train_and_evaluate(guided_tiny_config(0.5, num_steps=4, **kw),
+                                           tmp_path / "straight")
+    training.train_and_evaluate(guided_tiny_config(0.5, num_steps=2, **kw), tmp_path / "resumed")
+    resumed = training.train_and_evaluate(guided_tiny_config(0.5, num_steps=4, **kw),
+                                          tmp_path / "resumed")
+    assert int(straight.step) == int(resumed.step) == 4
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # The dropout is on: the same run without it ends elsewhere.
+    plain = training.train_and_evaluate(guided_tiny_config(0.0, num_steps=4, **kw),
+                                        tmp_path / "plain")
+    assert not np.array_equal(np.asarray(plain.params["conv_out"]["kernel"]),
+                              np.asarray(straight.params["conv_out"]["kernel"]))

@@ -276,7 +276,10 @@ def test_bfloat16_compute_with_float32_params_norms_and_softmax(tiny):
     eqns = list(_eqns(jax.make_jaxpr(bf16.apply)({"params": params}, x, t).jaxpr))
     dtypes = {name: [{v.aval.dtype for v in e.invars} for e in eqns if e.primitive.name == name]
               for name in ("conv_general_dilated", "dot_general", "reduce_sum", "exp")}
-    assert all(d == {jnp.dtype(jnp.bfloat16)} for d in dtypes["conv_general_dilated"])
+    # Every conv in bf16 but the last (conv_out, the prediction itself), which is float32.
+    convs = dtypes["conv_general_dilated"]
+    assert all(d == {jnp.dtype(jnp.bfloat16)} for d in convs[:-1])
+    assert convs[-1] == {jnp.dtype(jnp.float32)}
     assert all(d == {jnp.dtype(jnp.bfloat16)} for d in dtypes["dot_general"])
     # Every reduction (GroupNorm moments, softmax denominator) and exp (softmax) is float32.
     assert dtypes["reduce_sum"] and dtypes["exp"]

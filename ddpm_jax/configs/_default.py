@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.dropout = 0.1
     model.resamp_with_conv = True
     model.num_classes = placeholder(int)  # set for class-conditional runs
+    # Classifier-free guidance (Ho & Salimans 2022): the probability that training replaces a
+    # label by "no class" (an extra class-embedding row, hence a model field). 0: no such row.
+    model.p_uncond = 0.0
     model.dtype = "float32"
 
     config.diffusion = diff = ml_collections.ConfigDict()
@@ -69,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     sample.eta = 0.0
     sample.clip_denoised = True
     sample.num_images = 64
+    sample.guidance = 0.0  # w of ε̂ = (1+w) ε(x_t, y) - w ε(x_t, ∅); needs model.p_uncond > 0
     # Evaluation during training: off (every_steps=0). With every_steps=50_000 each evaluation
     # draws 10k DDIM-100 samples: 1M UNet forward passes, about the compute of 2,600 training
     # steps of batch 128 (forward + backward ~ 3 forward passes per image), i.e. +5% at 50k.

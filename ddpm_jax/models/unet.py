@@ -162,6 +162,10 @@ class UNet(nn.Module):
     `down_{level}_block_{i}`, `down_{level}_attn_{i}`, `down_{level}_downsample`, `mid_block_1`,
     `mid_attn_1`, `mid_block_2`, `up_{level}_block_{i}`, `up_{level}_attn_{i}`,
     `up_{level}_upsample`, `norm_out`, `conv_out` (and `class_embed` if num_classes is set).
+
+    ``null_class`` (classifier-free guidance, Ho & Salimans 2022) adds one row to `class_embed`:
+    label ``num_classes`` is the learned "no class" embedding ∅. Without it `class_embed` has
+    exactly ``num_classes`` rows, as in checkpoints made before guidance existed.
     """
 
     ch: int
@@ -172,6 +176,7 @@ class UNet(nn.Module):
     dropout: float
     resamp_with_conv: bool = True
     num_classes: int | None = None
+    null_class: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -189,6 +194,9 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: dropout must be in [0, 1), got {self.dropout}.")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"UNet: num_classes must be None or >= 1, got {self.num_classes}.")
+        if self.null_class and self.num_classes is None:
+            raise ValueError("UNet: null_class (the 'no class' label of classifier-free guidance) "
+                             "needs a class-conditional model; set num_classes.")
         super().__post_init__()
 
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
@@ -227,7 +235,8 @@ class UNet(nn.Module):
         temb = _dense(self, 4 * self.ch, "temb_dense0")(timestep_embedding(t, self.ch))
         temb = _dense(self, 4 * self.ch, "temb_dense1")(nn.swish(temb))
         if self.num_classes is not None:
-            temb = temb + nn.Embed(self.num_classes, 4 * self.ch, name="class_embed", **kw)(y)
+            rows = self.num_classes + int(self.null_class)  # row num_classes: ∅
+            temb = temb + nn.Embed(rows, 4 * self.ch, name="class_embed", **kw)(y)
 
         hs = [_conv(self, self.ch, "conv_in")(x.astype(self.dtype))]
         for level in range(num_levels):
@@ -277,10 +286,17 @@ class UNet(nn.Module):
 
 def unet_from_config(model_config: ml_collections.ConfigDict, num_channels: int) -> UNet:
     """The UNet of a `config.model` section with `num_channels` output channels (what they mean,
-    ε, x_0 or v, is `config.diffusion.mean_type`)."""
+    ε, x_0 or v, is `config.diffusion.mean_type`). ``model.p_uncond`` > 0 (label dropout for
+    classifier-free guidance) adds the "no class" embedding row."""
     dtype_name = model_config.get("dtype", "float32")
     if dtype_name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"model.dtype={dtype_name!r}; use 'float32', 'bfloat16' or 'float16'.")
+    p_uncond = model_config.get("p_uncond", 0.0)
+    if not 0.0 <= p_uncond < 1.0 or (p_uncond > 0 and model_config.get("num_classes") is None):
+        raise ValueError(
+            f"model.p_uncond={p_uncond} (the probability of dropping the label in training) must "
+            "be in [0, 1), and > 0 only for a class-conditional model (model.num_classes set)."
+        )
     return UNet(
         ch=model_config.ch,
         out_ch=num_channels,
@@ -290,5 +306,6 @@ def unet_from_config(model_config: ml_collections.ConfigDict, num_channels: int)
         dropout=model_config.dropout,
         resamp_with_conv=model_config.get("resamp_with_conv", True),
         num_classes=model_config.get("num_classes", None),
+        null_class=p_uncond > 0,
         dtype=jnp.dtype(dtype_name),
     )
