@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import diffusion, generation, keys, sampling
+from ddpm_jax import diffusion, files, generation, keys, sampling
 from ddpm_jax.metrics import features as features_lib
 from ddpm_jax.metrics import reference as reference_lib
 from ddpm_jax.metrics import statistics
@@ -225,12 +225,9 @@ def write_results(
     """Writes [{"metrics", "protocol"}, ...] as JSON (atomically; process 0 only)."""
     records = [{"metrics": m, "protocol": dataclasses.asdict(p)} for m, p in results]
     if jax.process_index() == 0:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(records, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        text = json.dumps(records, indent=2, sort_keys=True) + "\n"
+        files.write_atomic(path, lambda f: f.write(text.encode()))
 
 
 _LABELS = {"fid": "FID", "is": "IS", "kid": "KID", "bpd": "bits/dim", "digits_fd": "digits FD",

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import checkpointing, diffusion, images, keys, parallel, sampling
+from ddpm_jax import checkpointing, diffusion, files, images, keys, parallel, sampling
 from ddpm_jax.models import unet_from_config
 
 PyTree = Any
@@ -219,14 +219,6 @@ def make_generate_fn(
 # ----------------------------------------------------------------------------------------------
 # Files.
 # ----------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file and rename it, so a preempted run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Record the settings the chunks are drawn with; refuse to mix chunks of other settings.
     Process 0 decides (``out`` may be on its disk only) and every process raises with it."""
@@ -246,7 +238,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         else:
             out.mkdir(parents=True, exist_ok=True)
             text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
-            _write_atomic(path, lambda f: f.write(text.encode()))
+            files.write_atomic(path, lambda f: f.write(text.encode()))
 
     parallel.on_process_0(check_or_record, f"Checking the sample settings in {out}")
 
@@ -287,7 +279,7 @@ def _merge(out: Path, num_chunks: int, num_samples: int, conditional: bool) -> N
                 with zf.open("labels.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.concatenate(labels))
 
-    _write_atomic(out / MERGED_FILE, write)
+    files.write_atomic(out / MERGED_FILE, write)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,7 +343,7 @@ def generate_samples(
             )
             if is_writer:
                 arrays = dict(arr_0=x, labels=labels) if conditional else dict(arr_0=x)
-                _write_atomic(chunk_path(out, c), lambda f, a=arrays: np.savez(f, **a))
+                files.write_atomic(chunk_path(out, c), lambda f, a=arrays: np.savez(f, **a))
             bar.update(min(batch_size, num_samples - c * batch_size))
 
     if trajectory:

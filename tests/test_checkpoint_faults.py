@@ -18,10 +18,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import SingleDeviceSharding
 
-from ddpm_jax import checkpointing, training
-from ddpm_jax.models import unet_from_config
+from test_train import _final_state
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -56,17 +55,7 @@ def _train(workdir: Path, env: dict[str, str], *args: str) -> subprocess.Complet
 
 def _state(workdir: Path, step: int) -> list[np.ndarray]:
     """The leaves of the training state saved at ``step``."""
-    config = checkpointing.read_config(workdir)
-    model = unet_from_config(config.model, config.data.num_channels)
-    tx = training.make_optimizer(config.optim)
-    abstract = jax.eval_shape(
-        lambda: training.create_train_state(config, model, tx, jax.random.PRNGKey(0))
-    )
-    device = SingleDeviceSharding(jax.devices()[0])
-    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            abstract)
-    with checkpointing.Checkpointer(workdir) as ckpt:
-        return [np.asarray(x) for x in jax.tree.leaves(ckpt.restore(template, step))]
+    return [np.asarray(x) for x in jax.tree.leaves(_final_state(workdir, step))]
 
 
 def _assert_bit_identical(a: list[np.ndarray], b: list[np.ndarray]) -> None:

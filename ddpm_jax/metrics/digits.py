@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from absl import logging
 from flax import traverse_util
 
 import ddpm_jax.datasets  # noqa: F401  (registers mnist5k)
-from ddpm_jax import cache
+from ddpm_jax import cache, files
 from ddpm_jax.metrics import statistics
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -213,26 +212,16 @@ def _read_cache(path: Path, fingerprint: str) -> tuple[DigitsClassifier | None, 
 
 
 def _write_cache(path: Path, classifier: DigitsClassifier, fingerprint: str) -> None:
-    """Write the cache file atomically: a temporary file in the same folder, then os.replace."""
+    """Write the cache file atomically (``files.write_atomic``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         f"params/{k}": np.asarray(v)
         for k, v in traverse_util.flatten_dict(classifier.params, sep="/").items()
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            np.savez(
-                f, fingerprint=np.asarray(fingerprint),
-                held_out_accuracy=np.asarray(classifier.held_out_accuracy), **arrays,
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    files.write_atomic(path, lambda f: np.savez(
+        f, fingerprint=np.asarray(fingerprint),
+        held_out_accuracy=np.asarray(classifier.held_out_accuracy), **arrays,
+    ))
 
 
 def load_classifier(cache_dir: str | os.PathLike | None = None) -> DigitsClassifier:

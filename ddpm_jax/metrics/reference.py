@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import cache
+from ddpm_jax import cache, files
 from ddpm_jax.metrics import features as features_lib
 from ddpm_jax.metrics import statistics
 
@@ -140,10 +140,7 @@ def save_reference(path: str | os.PathLike, reference: Reference) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if reference.features is not None:
-        tmp = path.with_name(f".{path.name}{FEATURES_SUFFIX}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, reference.features)
-        os.replace(tmp, str(path) + FEATURES_SUFFIX)
+        files.write_atomic(str(path) + FEATURES_SUFFIX, lambda f: np.save(f, reference.features))
     statistics.save_statistics(path, reference.mu, reference.sigma, **reference.metadata)
 
 

@@ -10,12 +10,13 @@ draws.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import numpy as np
 import scipy.linalg
 from scipy.special import log_softmax, logsumexp
+
+from ddpm_jax import files
 
 
 def _real_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -115,9 +116,8 @@ def save_statistics(
 ) -> None:
     """Write ``mu`` [D] and ``sigma`` [D, D] (float64) to an .npz in pytorch-fid's layout, with
     each metadata item (e.g. convention="tf", num_images=50000, source="cifar10:train") as an
-    extra key holding a 0-d array, so ``np.load`` needs no pickle. The file is written to a
-    temporary name in the same directory and moved into place with ``os.replace``, so a reader
-    never sees a half-written file."""
+    extra key holding a 0-d array, so ``np.load`` needs no pickle. Written atomically
+    (``files.write_atomic``): a reader never sees a half-written file."""
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     _check_statistics(mu, sigma, str(path))
@@ -130,18 +130,7 @@ def save_statistics(
                 "pickle to load. Convert it (e.g. with str()) first."
             )
         arrays[key] = array
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # not mkstemp's 0600: others may read reference stats
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    files.write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
