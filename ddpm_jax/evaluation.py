@@ -208,8 +208,10 @@ class SampleScorer:
         if self.reference is not None:
             reference = self.reference.description
             reference_images = self.reference.metadata.get("num_images")
-        elif "digits" in self.metrics:  # digits_fd compares with every real mnist5k digit
-            reference, reference_images = "mnist5k:train", 5000
+        elif "digits" in self.metrics:
+            from ddpm_jax.metrics import digits
+
+            reference, reference_images = digits.REFERENCE, digits.NUM_REFERENCE
         return Protocol(
             num_samples=self._count,
             convention=self.convention if self._extractor is not None else None,

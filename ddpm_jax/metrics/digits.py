@@ -46,6 +46,8 @@ IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 FEATURE_DIM = 128
 HELD_OUT = 500  # real digits the classifier never trains on
+REFERENCE = "mnist5k:train"  # digits_fd compares with all of these real digits
+NUM_REFERENCE = 5000
 TRAIN_STEPS = 600  # Adam steps of batch 64: about 8.5 passes over the 4,500 training digits
 CACHE_FILE = "digits_classifier.npz"
 
