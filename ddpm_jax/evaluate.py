@@ -4,7 +4,7 @@ Scores a run the way the literature does (see ``ddpm_jax.evaluation``):
 
 1. draws exactly ``--num_samples`` samples from the EMA params of the latest checkpoint (or
    ``--checkpoint``) with the config's sampler or ``--sampler/--steps/--eta`` (and classifier-free
-   guidance ``--guidance=w``, default the config's sample.guidance), through the sample
+   guidance ``--guidance=w`` and ``--guidance_interval``, default the config's), through the sample
    program's resumable chunks (``<workdir>/samples_<sampler>_<steps>``, or ``--out``): a rerun
    after a preemption reuses every finished chunk; or scores an existing ``--samples`` NPZ
    (uint8 NHWC under "arr_0", + "labels"), e.g. from another tool;
@@ -59,6 +59,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", allow_override=True)
 _GUIDANCE = flags.DEFINE_float(
     "guidance", None, "Classifier-free guidance scale w (default: the config's sample.guidance).",
     allow_override=True,
+)
+_GUIDANCE_INTERVAL = flags.DEFINE_string(
+    "guidance_interval", None, "Guide only the timesteps 't_min,t_max' (e.g. '400,999'); 'all' "
+    "guides every step (default: the config's sample.guidance_interval).", allow_override=True,
 )
 _OUT = flags.DEFINE_string("out", None, "Sample directory (default: <workdir>/samples_<sampler>_"
                            "<steps>, shared with ddpm_jax.sample).", allow_override=True)
@@ -196,16 +200,21 @@ def main(argv: list[str]) -> None:
             sampler, num_steps, eta = generation.sampler_settings(
                 config, _SAMPLER.value, _STEPS.value, _ETA.value
             )
-            guidance = generation.guidance_setting(config, _GUIDANCE.value)
+            guidance, interval = generation.guidance_setting(
+                config, _GUIDANCE.value, _GUIDANCE_INTERVAL.value
+            )
             steps = num_steps or config.diffusion.num_timesteps
-            out = _OUT.value or generation.default_out(_WORKDIR.value, sampler, steps, guidance)
+            out = _OUT.value or generation.default_out(
+                _WORKDIR.value, sampler, steps, guidance, guidance_interval=interval
+            )
             samples_path = generation.generate_samples(
                 params, config, out, num_samples=_NUM_SAMPLES.value,
                 batch_size=_BATCH_SIZE.value, sampler=sampler, num_steps=num_steps, eta=eta,
-                seed=_SEED.value, guidance=guidance, checkpoint_step=step,
+                seed=_SEED.value, guidance=guidance, guidance_interval=interval,
+                checkpoint_step=step,
             )
             settings = dict(sampler=sampler, num_steps=steps, eta=eta, guidance=guidance,
-                            checkpoint_step=step)
+                            guidance_interval=interval, checkpoint_step=step)
         _score_samples(scorer, samples_path)
         results.append((scorer.result(), scorer.protocol(**settings)))
     if "bpd" in metrics:

@@ -70,6 +70,7 @@ class Protocol:
     num_steps: int | None = None
     eta: float | None = None
     guidance: float | None = None  # classifier-free guidance scale w; None/0: unguided
+    guidance_interval: tuple[int, int] | None = None  # (t_min, t_max) guided; None: every step
     checkpoint_step: int | None = None
     convention: str | None = None  # Inception metrics only
     reference: str | None = None
@@ -81,7 +82,7 @@ class Protocol:
         if self.sampler:
             parts.append(f"{self.sampler}{self.num_steps}")
         if self.guidance:
-            parts.append(f"w{self.guidance:g}")
+            parts.append(generation.guidance_name(self.guidance, self.guidance_interval))
         if self.convention:
             parts.append(self.convention)
         return "_".join(parts)
@@ -248,7 +249,9 @@ def describe(metrics: dict[str, float], protocol: Protocol) -> str:
     if protocol.sampler:
         context.append(f"{protocol.sampler} {protocol.num_steps} steps")
     if protocol.guidance:
-        context.append(f"guidance w={protocol.guidance:g}")
+        interval = protocol.guidance_interval
+        context.append(f"guidance w={protocol.guidance:g}"
+                       + (f" at t {interval[0]}-{interval[1]}" if interval else ""))
     if protocol.convention:
         context.append(f"{protocol.convention} convention")
     if protocol.reference:
@@ -364,10 +367,11 @@ def training_eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any] 
                                 num_steps=num_steps, eta=eta, var_type=config.diffusion.var_type)
     if eval_config.num_samples <= 0 or eval_config.every_steps < 0:
         raise ValueError("config.eval.num_samples must be positive and every_steps >= 0.")
-    guidance = config.sample.get("guidance", 0.0)
+    guidance, interval = generation.guidance_setting(config)
     generation.check_labels("random", config.model.get("num_classes"), guidance,
                             config.model.get("p_uncond", 0.0))
-    return dict(metrics=metrics, sampler=sampler, num_steps=num_steps, eta=eta, guidance=guidance)
+    return dict(metrics=metrics, sampler=sampler, num_steps=num_steps, eta=eta, guidance=guidance,
+                guidance_interval=interval)
 
 
 def make_training_evaluator(
@@ -391,6 +395,7 @@ def make_training_evaluator(
     generate = generation.make_generate_fn(
         model, config, mesh, batch_size=eval_config.batch_size, sampler=settings["sampler"],
         num_steps=settings["num_steps"], eta=settings["eta"], guidance=settings["guidance"],
+        guidance_interval=settings["guidance_interval"],
     )
     num_samples, batch_size = eval_config.num_samples, eval_config.batch_size
     root_key = keys.stream(config.seed, keys.EVAL)
@@ -407,7 +412,8 @@ def make_training_evaluator(
             scorer.add(np.asarray(images)[:n], np.asarray(labels)[:n] if conditional else None)
         return scorer.result(), scorer.protocol(
             sampler=settings["sampler"], num_steps=steps, eta=settings["eta"],
-            guidance=settings["guidance"], checkpoint_step=step,
+            guidance=settings["guidance"], guidance_interval=settings["guidance_interval"],
+            checkpoint_step=step,
         )
 
     return evaluate

@@ -97,16 +97,47 @@ def sampler_settings(
     return sampler, num_steps, eta
 
 
-def guidance_setting(config: ml_collections.ConfigDict, guidance: float | None = None) -> float:
-    """The classifier-free guidance scale: the given one, else the config's sample.guidance."""
-    return float(guidance if guidance is not None else config.sample.get("guidance", 0.0))
+ALL_STEPS = "all"  # the guidance interval of every step, to override a config's interval
+
+
+def guidance_setting(
+    config: ml_collections.ConfigDict,
+    guidance: float | None = None,
+    interval: tuple[int, int] | str | None = None,
+) -> tuple[float, tuple[int, int] | None]:
+    """(w, interval): the classifier-free guidance scale and the timesteps (t_min, t_max) it is
+    limited to (None: every step): the given ones, else the config's sample.guidance and
+    sample.guidance_interval. ``interval`` may be text, as ``--guidance_interval`` takes it:
+    "t_min,t_max", or "all" for every step whatever the config says. Unguided sampling (w = 0)
+    has no interval. A bad interval is a ValueError."""
+    w = float(guidance if guidance is not None else config.sample.get("guidance", 0.0))
+    if interval is None:
+        interval = config.sample.get("guidance_interval")
+    if interval == ALL_STEPS or not w:
+        return w, None
+    if isinstance(interval, str):
+        try:
+            interval = tuple(int(t) for t in interval.split(","))
+        except ValueError:
+            pass  # check_guidance_interval names the problem
+    sampling.check_guidance_interval(interval, config.diffusion.num_timesteps)
+    return w, None if interval is None else tuple(interval)
+
+
+def guidance_name(guidance: float, interval: tuple[int, int] | None = None) -> str:
+    """``w<guidance>[_t<t_min>-<t_max>]`` ("" without guidance): names files and figures."""
+    if not guidance:
+        return ""
+    return f"w{guidance:g}" + (f"_t{interval[0]}-{interval[1]}" if interval else "")
 
 
 def default_out(workdir: str, sampler: str, steps: int, guidance: float = 0.0,
-                labels: Labels = "random") -> str:
-    """``<workdir>/samples_<sampler>_<steps>[_w<guidance>][_<labels>]``: one directory per
-    setting, since a directory holds the chunks of one setting only."""
-    name = f"samples_{sampler}_{steps}" + (f"_w{guidance:g}" if guidance else "")
+                labels: Labels = "random", guidance_interval: tuple[int, int] | None = None) -> str:
+    """``<workdir>/samples_<sampler>_<steps>[_w<guidance>[_t<t_min>-<t_max>]][_<labels>]``: one
+    directory per setting, since a directory holds the chunks of one setting only."""
+    name = f"samples_{sampler}_{steps}"
+    if guidance:
+        name += "_" + guidance_name(guidance, guidance_interval)
     if labels != "random":
         name += "_" + (labels if isinstance(labels, str) else "y" + "-".join(map(str, labels)))
     return os.path.join(workdir, name)
@@ -153,6 +184,7 @@ def make_generate_fn(
     eta: float,
     labels: Labels = "random",
     guidance: float = 0.0,
+    guidance_interval: tuple[int, int] | None = None,
     return_trajectory: bool = False,
 ) -> Callable[..., tuple[jax.Array, ...]]:
     """Jitted ``(params, key, chunk) -> (uint8 images [B, H, W, C], labels [B] int32)`` drawn
@@ -163,12 +195,13 @@ def make_generate_fn(
     and evaluations. Class-conditional labels are ``"random"`` (uniform), ``"grid"`` (i mod K:
     column k of a K-column grid shows class k), a tuple of classes (i-th sample: labels[i mod n])
     or ``"none"`` (the "no class" label K of a model trained with label dropout: unconditional
-    samples); zeros for an unconditional model. ``guidance`` w is classifier-free guidance
-    (``sampling.make_model_fn``). With ``return_trajectory`` it also returns uint8 frames
-    [F, 8, H, W, C] of x_t and pred_x0.
+    samples); zeros for an unconditional model. ``guidance`` w is classifier-free guidance, at the
+    timesteps of ``guidance_interval`` only if given (``sampling.make_model_fn``). With
+    ``return_trajectory`` it also returns uint8 frames [F, 8, H, W, C] of x_t and pred_x0.
     """
     num_classes = config.model.get("num_classes")
     check_labels(labels, num_classes, guidance, config.model.get("p_uncond", 0.0))
+    sampling.check_guidance_interval(guidance_interval, config.diffusion.num_timesteps)
     sampling.check_sampler_args(
         config.diffusion.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta,
         var_type=config.diffusion.var_type,
@@ -192,7 +225,8 @@ def make_generate_fn(
             y = jax.random.randint(label_key, (batch_size,), 0, num_classes, jnp.int32)
         else:
             y = jnp.asarray(labels, jnp.int32)[index % len(labels)]
-        network = sampling.make_model_fn(model, params, y if num_classes else None, guidance)
+        network = sampling.make_model_fn(model, params, y if num_classes else None, guidance,
+                                         guidance_interval)
 
         def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:  # keep the chain's batch split
             return network(jax.lax.with_sharding_constraint(x, batch_sharding), t)
@@ -298,11 +332,12 @@ def generate_samples(
     seed: int,
     labels: Labels = "random",
     guidance: float = 0.0,
+    guidance_interval: tuple[int, int] | None = None,
     trajectory: bool = False,
     checkpoint_step: int | None = None,
 ) -> Path:
     """Draw ``num_samples`` images from ``params`` into ``out`` (see the module docstring), skipping
-    chunks already there; ``labels`` and ``guidance`` as in ``make_generate_fn``. Returns the path
+    chunks already there; ``labels`` and the guidance as in ``make_generate_fn``. Returns the path
     of samples.npz (with "labels" unless the samples are unconditional)."""
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}.")
@@ -315,11 +350,12 @@ def generate_samples(
         )
     model = unet_from_config(config.model, config.data.num_channels)
     kw = dict(batch_size=batch_size, sampler=sampler, num_steps=num_steps, eta=eta,
-              labels=labels, guidance=guidance)
+              labels=labels, guidance=guidance, guidance_interval=guidance_interval)
     generate = make_generate_fn(model, config, mesh, **kw)
     conditional = bool(config.model.get("num_classes")) and labels != "none"
     _check_settings(out, dict(
         kw, labels=labels if isinstance(labels, str) else list(labels), seed=seed,
+        guidance_interval=list(guidance_interval) if guidance_interval else None,
         checkpoint_step=checkpoint_step, image_shape=[
             config.data.image_size, config.data.image_size, config.data.num_channels],
         num_classes=config.model.get("num_classes"), clip_denoised=config.sample.clip_denoised,

@@ -2,8 +2,9 @@
 
 Draws ``--num_samples`` images (default 50,000, for FID) from the EMA params of a checkpoint (the
 latest of ``--workdir``, or the step directory ``--checkpoint``) into ``--out`` (default
-``<workdir>/samples_<sampler>_<steps>[_w<guidance>][_<labels>]``) with ``--labels`` and
-classifier-free guidance ``--guidance=w``: chunk files, the merged ``samples.npz`` (uint8 NHWC
+``<workdir>/samples_<sampler>_<steps>[_w<guidance>[_t<t_min>-<t_max>]][_<labels>]``) with
+``--labels`` and classifier-free guidance ``--guidance=w`` (at the timesteps of
+``--guidance_interval`` only, if given): chunk files, the merged ``samples.npz`` (uint8 NHWC
 under "arr_0", + "labels"), ``grid.png`` and with ``--trajectory`` the denoising film; see
 ``ddpm_jax.generation``. A rerun after preemption skips the chunks already on disk and gives the
 same images. Launched as several processes (or with ``--distributed``) it calls
@@ -54,6 +55,12 @@ _GUIDANCE = flags.DEFINE_float(
     "guidance", None, "Classifier-free guidance scale w: ε̂ = (1+w) ε(x_t, y) - w ε(x_t, ∅) "
     "(default: the config's sample.guidance). Needs a model trained with model.p_uncond > 0.",
 )
+_GUIDANCE_INTERVAL = flags.DEFINE_string(
+    "guidance_interval", None, "Guide only the steps whose timestep index t (0..T-1) lies in "
+    "'t_min,t_max' (Kynkäänniemi et al. 2024), e.g. '400,999'; 'all' guides every step "
+    "(default: the config's sample.guidance_interval).",
+    allow_override=True,  # ddpm_jax.evaluate defines it too
+)
 _LABELS = flags.DEFINE_string(
     "labels", "random", "Class-conditional models: 'random' (uniform), one class ('3'), a list "
     "('1,4,7', cycled over the samples), 'all' (i mod K: column k of a K-column grid is class "
@@ -92,17 +99,20 @@ def main(argv: list[str]) -> None:
     sampler, num_steps, eta = generation.sampler_settings(
         config, _SAMPLER.value, _STEPS.value, _ETA.value
     )
-    guidance = generation.guidance_setting(config, _GUIDANCE.value)
+    guidance, interval = generation.guidance_setting(
+        config, _GUIDANCE.value, _GUIDANCE_INTERVAL.value
+    )
     labels = parse_labels(_LABELS.value)
     steps_name = num_steps or config.diffusion.num_timesteps
     out = _OUT.value or generation.default_out(_WORKDIR.value, sampler, steps_name, guidance,
-                                                labels)
-    logging.info("Checkpoint step %d: %s, %s steps, eta %s, guidance %s, labels %s.", step,
-                 sampler, steps_name, eta, guidance, labels)
+                                                labels, interval)
+    logging.info("Checkpoint step %d: %s, %s steps, eta %s, guidance %s (t in %s), labels %s.",
+                 step, sampler, steps_name, eta, guidance, interval or "all", labels)
     path = generation.generate_samples(
         params, config, out,
         num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, sampler=sampler,
         num_steps=num_steps, eta=eta, seed=_SEED.value, labels=labels, guidance=guidance,
+        guidance_interval=interval,
         trajectory=_TRAJECTORY.value, checkpoint_step=step,
     )
     logging.info("Wrote %s", path)

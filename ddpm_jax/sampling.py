@@ -7,7 +7,8 @@ timestep indices 0..T-1 of the full schedule, also when the chain is respaced (a
 improved-diffusion's ``_WrappedModel`` does), so a network trained on T steps needs no change.
 A class-conditional model gets its labels through the closure (``make_model_fn(..., y=labels)``),
 and classifier-free guidance too (``make_model_fn(..., guidance=w)``: one batched network call per
-step, inside the same scan): ``sample`` itself never sees labels.
+step, inside the same scan; ``guidance_interval`` limits it to a range of t): ``sample`` itself
+never sees labels.
 
 ``sample`` is jittable with everything but ``rng`` static, e.g.::
 
@@ -247,8 +248,32 @@ def check_guidance(guidance: float, null_class: bool) -> None:
         )
 
 
+def check_guidance_interval(interval: Any, num_timesteps: int | None = None) -> None:
+    """Raise ValueError unless ``interval`` is None or two timestep indices (t_min, t_max) with
+    0 <= t_min <= t_max (< ``num_timesteps`` if given)."""
+    if interval is None:
+        return
+    ok = (
+        isinstance(interval, (tuple, list))
+        and len(interval) == 2
+        and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in interval)
+        and 0 <= interval[0] <= interval[1]
+        and (num_timesteps is None or interval[1] < num_timesteps)
+    )
+    if not ok:
+        last = "T-1" if num_timesteps is None else str(num_timesteps - 1)
+        raise ValueError(
+            f"guidance_interval={interval!r}: give two timestep indices (t_min, t_max) with "
+            f"0 <= t_min <= t_max <= {last}, e.g. (400, {last}), or none to guide every step."
+        )
+
+
 def make_model_fn(
-    model: Any, params: Any, y: jax.Array | None = None, guidance: float = 0.0
+    model: Any,
+    params: Any,
+    y: jax.Array | None = None,
+    guidance: float = 0.0,
+    guidance_interval: tuple[int, int] | None = None,
 ) -> diffusion.ModelFn:
     """``model_fn(x_t, t) = model.apply({'params': params}, x_t, t, y=y, train=False)``, or with
     ``guidance`` w > 0 its classifier-free-guided version (Ho & Salimans 2022, eq. 6):
@@ -262,6 +287,11 @@ def make_model_fn(
     (1 + w, -w) sum to 1, so combining outputs is the paper's ε̃ in every parameterisation.
     w = 0 is the plain conditional call (no unconditional half).
 
+    ``guidance_interval`` (t_min, t_max), original timestep indices, guides only the examples
+    with t_min <= t <= t_max and leaves the others conditional (w = 0), as Kynkäänniemi et al.
+    2024 ("Applying guidance in a limited interval") do; a call with no example inside skips the
+    unconditional half (``lax.cond``), so steps outside cost one network pass. None: every t.
+
     ``y`` (int32 [B]) are the class labels of a class-conditional model (``model.num_classes``
     set; label ``num_classes`` samples unconditionally from a model with a "no class" row); an
     unconditional model takes none. ``guidance`` is a Python float.
@@ -274,12 +304,16 @@ def make_model_fn(
             "model is class-conditional."
         )
     check_guidance(guidance, getattr(model, "null_class", False))
+    check_guidance_interval(guidance_interval)
 
     def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
         return model.apply({"params": params}, x_t, t, y=y, train=False)
 
     if not guidance:
         return model_fn
+
+    def inside(t: jax.Array) -> jax.Array:  # with a guidance_interval
+        return (t >= guidance_interval[0]) & (t <= guidance_interval[1])
 
     def guided_model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
         null = jnp.full_like(y, num_classes)
@@ -288,6 +322,15 @@ def make_model_fn(
             y=jnp.concatenate([y, null]), train=False,
         )
         cond, uncond = jnp.split(out, 2)
-        return (1.0 + guidance) * cond - guidance * uncond
+        if guidance_interval is None:
+            return (1.0 + guidance) * cond - guidance * uncond
+        w = _per_example(jnp.where(inside(t), guidance, 0.0), x_t)
+        return (1.0 + w) * cond - w * uncond
 
-    return guided_model_fn
+    if guidance_interval is None:
+        return guided_model_fn
+
+    def interval_model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        return jax.lax.cond(jnp.any(inside(t)), guided_model_fn, model_fn, x_t, t)
+
+    return interval_model_fn

@@ -550,10 +550,12 @@ def train_and_evaluate(
         jax.eval_shape(init, rng),
     )
     if train_config.sample_every:  # compiled now: no compile, or error, in the middle of the run
+        guidance, guidance_interval = generation.guidance_setting(config)
         grid_fn = generation.make_generate_fn(
             model, config, mesh, batch_size=config.sample.num_images,
             sampler=config.sample.sampler, num_steps=config.sample.num_steps,
-            eta=config.sample.eta, labels="grid", guidance=config.sample.get("guidance", 0.0),
+            eta=config.sample.eta, labels="grid", guidance=guidance,
+            guidance_interval=guidance_interval,
         ).lower(abstract_state.ema_params, grid_key, np.int32(0)).compile()
 
     ckpt = checkpointing.Checkpointer(

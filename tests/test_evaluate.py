@@ -2,6 +2,7 @@
 exact sample counts, figures equal to a direct computation, resumption, bits/dim, errors; and
 the trainer's periodic evaluation with its best checkpoint."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from flax import traverse_util
 from test_sample_cli import random_params, tiny_config
 
 import ddpm_jax.datasets  # noqa: F401  (registers mnist5k)
-from ddpm_jax import checkpointing, diffusion, sampling, training
+from ddpm_jax import checkpointing, diffusion, evaluation, sampling, training
 from ddpm_jax.metrics import inception, statistics
 from ddpm_jax.models import unet_from_config
 
@@ -76,8 +77,8 @@ def test_fid_is_kid_end_to_end_and_resumed(workdir, inception_weights, tmp_path,
     assert "10 samples, ddim 2 steps, tf convention" in first.stdout
     [record] = json.loads(results.read_text())
     assert record["protocol"] == dict(
-        num_samples=10, sampler="ddim", num_steps=2, eta=0.0, guidance=0.0, checkpoint_step=5,
-        convention="tf", reference=str(tmp_path / "ref.npz"), reference_images=12)
+        num_samples=10, sampler="ddim", num_steps=2, eta=0.0, guidance=0.0,
+        guidance_interval=None, checkpoint_step=5, convention="tf", reference=str(tmp_path / "ref.npz"), reference_images=12)
 
     # The same figures computed directly from the sample file and the reference images.
     with np.load(workdir / "samples_ddim_2" / "samples.npz") as f:
@@ -107,6 +108,20 @@ def test_fid_is_kid_end_to_end_and_resumed(workdir, inception_weights, tmp_path,
     assert "(1 of 2 chunks to draw)" in again.stderr
     np.testing.assert_allclose(json.loads(results.read_text())[0]["metrics"]["fid"], fid,
                                rtol=1e-4)
+
+
+def test_protocol_names_the_guidance_and_its_interval(tmp_path):
+    protocol = evaluation.Protocol(num_samples=500, sampler="ddpm", num_steps=50, guidance=1.0,
+                                   guidance_interval=(400, 999), reference="mnist5k:train")
+    assert protocol.tag() == "500_ddpm50_w1_t400-999"
+    line = evaluation.describe({"digits_fd": 12.5}, protocol)
+    assert line == "digits FD 12.5 (500 samples, ddpm 50 steps, guidance w=1 at t 400-999, vs " \
+                   "mnist5k:train)"
+    evaluation.write_results(tmp_path / "r.json", [({"digits_fd": 12.5}, protocol)])
+    [(_, read)] = evaluation.read_results(tmp_path / "r.json")
+    assert read.tag() == protocol.tag() and list(read.guidance_interval) == [400, 999]
+    full = dataclasses.replace(protocol, guidance_interval=None)
+    assert full.tag() == "500_ddpm50_w1" and "guidance w=1, vs" in evaluation.describe({}, full)
 
 
 def test_missing_weights_is_one_clear_error(workdir, tmp_path, repo_env):

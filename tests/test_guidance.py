@@ -54,11 +54,15 @@ def affine_eps(a, mean, var):
     return A, -A * math.sqrt(a) * mean
 
 
-def exact_moments(timesteps, sampler, w, class_mean, *, var_type="fixedsmall", eta=0.0):
+def exact_moments(timesteps, sampler, guidance, class_mean, *, var_type="fixedsmall", eta=0.0,
+                  interval=None):
     """Output mean and variance of the guided chain from x_T ~ N(0, 1), in float64: each step is
-    x' = c x + d + σ z with ε̃ = A x + B, A = (1+w) A_y - w A_∅ (B likewise)."""
+    x' = c x + d + σ z with ε̃ = A x + B, A = (1+w) A_y - w A_∅ (B likewise); w = ``guidance`` at
+    the steps whose timestep lies in ``interval`` (t_min, t_max) (all steps if None), else 0."""
     abar, mean, var = ALPHA_BAR[timesteps], 0.0, 1.0
     for i in reversed(range(len(timesteps))):
+        lo, hi = interval or (0, T - 1)
+        w = guidance if lo <= timesteps[i] <= hi else 0.0
         a, a_prev = abar[i], (abar[i - 1] if i > 0 else 1.0)
         (Ay, By), (Au, Bu) = affine_eps(a, class_mean, S**2), affine_eps(a, MU, S**2 + TAU**2)
         A, B = (1 + w) * Ay - w * Au, (1 + w) * By - w * Bu
@@ -113,6 +117,63 @@ def test_guided_sampler_moments_match_the_float64_propagation(sched, sampler, nu
         assert_moments(x[k * PER_CLASS:(k + 1) * PER_CLASS], mean, var)
     # One network call per step, in the scan: the conditional and ∅ halves batched together.
     assert model.batches == [SHAPE[0] * (2 if w else 1)]
+
+
+INTERVAL_CASES = [  # (sampler, num_steps, kwargs, mean_type, w, interval)
+    ("ddpm", 25, dict(var_type="fixedsmall"), "eps", 2.0, (400, 999)),
+    ("ddpm", 25, dict(var_type="fixedsmall"), "v", 3.0, (200, 600)),
+    ("ddim", 10, dict(eta=0.0), "x0", 1.0, (0, 300)),
+]
+
+
+@pytest.mark.parametrize("sampler, num_steps, kw, mean_type, w, interval", INTERVAL_CASES)
+def test_guidance_interval_matches_the_float64_propagation_and_skips_the_unguided_half(
+    sched, sampler, num_steps, kw, mean_type, w, interval
+):
+    """Guidance only at the steps whose t is in the interval (Kynkäänniemi et al. 2024); the
+    other steps run the network once, on the conditional half alone (counted as it runs)."""
+    model = AnalyticModel(mean_type)
+    executed = []
+    apply = model.apply
+
+    def counting_apply(variables, x, t, y, train):
+        jax.debug.callback(lambda n=x.shape[0]: executed.append(n))
+        return apply(variables, x, t, y, train)
+
+    model.apply = counting_apply
+    model_fn = sampling.make_model_fn(model, None, LABELS, guidance=w, guidance_interval=interval)
+    x = jax.jit(lambda rng: sampling.sample(
+        model_fn, sched, rng, SHAPE, sampler=sampler, num_steps=num_steps, mean_type=mean_type,
+        clip_denoised=False, **kw))(jax.random.key(1))
+    jax.effects_barrier()
+    timesteps = sampling.space_timesteps(T, num_steps)
+    for k, class_mean in enumerate(CLASS_MEANS):
+        mean, var = exact_moments(timesteps, sampler, w, class_mean, interval=interval, **kw)
+        assert_moments(x[k * PER_CLASS:(k + 1) * PER_CLASS], mean, var)
+    # The interval must move the mean by more than twice assert_moments' tolerance, else this
+    # test could not tell it from full guidance.
+    full, _ = exact_moments(timesteps, sampler, w, CLASS_MEANS[1], **kw)
+    part, var = exact_moments(timesteps, sampler, w, CLASS_MEANS[1], interval=interval, **kw)
+    assert abs(full - part) > 2 * 5.0 * math.sqrt(var / (PER_CLASS * 64))
+    guided_steps = int(np.sum((timesteps >= interval[0]) & (timesteps <= interval[1])))
+    assert 0 < guided_steps < num_steps
+    assert sorted(executed) == sorted(
+        [SHAPE[0]] * (num_steps - guided_steps) + [2 * SHAPE[0]] * guided_steps)
+
+
+def test_guidance_interval_spanning_every_step_is_full_guidance(sched):
+    model = AnalyticModel("eps")
+    draw = lambda fn: sampling.sample(fn, sched, jax.random.key(2), SHAPE, num_steps=10)  # noqa: E731
+    full = sampling.make_model_fn(model, None, LABELS, guidance=2.0)
+    spanning = sampling.make_model_fn(model, None, LABELS, guidance=2.0,
+                                      guidance_interval=(0, T - 1))
+    np.testing.assert_allclose(np.asarray(draw(spanning)), np.asarray(draw(full)), atol=1e-6)
+
+
+@pytest.mark.parametrize("interval", [(500, 400), (-1, 10), (0, T), (0.5, 10), (3,), "0,999"])
+def test_bad_guidance_interval_is_a_clear_error(interval):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sampling.check_guidance_interval(interval, num_timesteps=T)
 
 
 def test_guidance_moves_samples_beyond_the_class_mean():

@@ -191,11 +191,13 @@ def guided_workdir(tmp_path_factory):
 def test_cli_guidance_and_label_grid_end_to_end(guided_workdir, repo_env):
     env = dict(repo_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     result = run_cli(env, f"--workdir={guided_workdir}", "--num_samples=6", "--batch_size=6",
-                     "--sampler=ddim", "--steps=2", "--guidance=2", "--labels=all")
+                     "--sampler=ddim", "--steps=2", "--guidance=2", "--labels=all",
+                     "--guidance_interval=500,999")  # guides t = 999, not t = 0
     assert result.returncode == 0, result.stderr[-3000:]
-    out = guided_workdir / "samples_ddim_2_w2_grid"
+    out = guided_workdir / "samples_ddim_2_w2_t500-999_grid"
     settings = json.loads((out / generation.SETTINGS_FILE).read_text())
     assert settings["guidance"] == 2.0 and settings["labels"] == "grid"
+    assert settings["guidance_interval"] == [500, 999]
     np.testing.assert_array_equal(load(out / "samples.npz", "labels"), [0, 1, 2, 0, 1, 2])
 
 
@@ -208,6 +210,14 @@ def test_labels_list_none_and_refusals(guided_workdir, workdir, tmp_path):
     with pytest.raises(ValueError, match="guidance: 1.0 on disk != 0.5 now"):
         generation.generate_samples(params, config, tmp_path / "list", num_samples=8,
                                     labels=(2, 0), guidance=0.5, **settings)
+    with pytest.raises(ValueError, match=r"guidance_interval: None on disk != \[400, 999\] now"):
+        generation.generate_samples(params, config, tmp_path / "list", num_samples=8,
+                                    labels=(2, 0), guidance=1.0, guidance_interval=(400, 999),
+                                    **settings)
+    for bad in ("999,400", "400", "a,b", "0,1000"):
+        with pytest.raises(ValueError, match="guidance_interval=.*t_min <= t_max <= 999"):
+            run_main(f"--workdir={guided_workdir}", f"--out={tmp_path / 'x'}", "--guidance=1",
+                     f"--guidance_interval={bad}")
     path = generation.generate_samples(params, config, tmp_path / "none", num_samples=8,
                                        labels="none", **settings)
     with np.load(path) as f:  # unconditional samples carry no labels

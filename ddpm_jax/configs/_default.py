@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.clip_denoised = True
     sample.num_images = 64
     sample.guidance = 0.0  # w of ε̂ = (1+w) ε(x_t, y) - w ε(x_t, ∅); needs model.p_uncond > 0
+    # Guide only the timesteps t_min..t_max (Kynkäänniemi et al. 2024), e.g. (400, 999); None: all.
+    sample.guidance_interval = placeholder(tuple)
     # Evaluation during training: off (every_steps=0). With every_steps=50_000 each evaluation
     # draws 10k DDIM-100 samples: 1M UNet forward passes, about the compute of 2,600 training
     # steps of batch 128 (forward + backward ~ 3 forward passes per image), i.e. +5% at 50k.
