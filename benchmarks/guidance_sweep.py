@@ -51,9 +51,9 @@ def main(argv: list[str]) -> None:
     sampler, num_steps, eta = generation.sampler_settings(config)
     steps = num_steps or config.diffusion.num_timesteps
     classifier = digits.load_classifier()
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"{_WORKDIR.value}, checkpoint {step}: {_NUM_SAMPLES.value} samples per row, {sampler} "
-          f"{steps} steps, seed {_SEED.value}, {jax.device_count()} x {jax.devices()[0].device_kind}"
-          f", jax {jax.__version__}")
+          f"{steps} steps, seed {_SEED.value}, {device}, jax {jax.__version__}")
     print("| w | guided t | digits FD | label accuracy | class coverage | sampling s |")
     print("|---|---|---|---|---|---|")
     for w, interval in resolved:

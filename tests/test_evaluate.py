@@ -78,7 +78,8 @@ def test_fid_is_kid_end_to_end_and_resumed(workdir, inception_weights, tmp_path,
     [record] = json.loads(results.read_text())
     assert record["protocol"] == dict(
         num_samples=10, sampler="ddim", num_steps=2, eta=0.0, guidance=0.0,
-        guidance_interval=None, checkpoint_step=5, convention="tf", reference=str(tmp_path / "ref.npz"), reference_images=12)
+        guidance_interval=None, checkpoint_step=5, convention="tf",
+        reference=str(tmp_path / "ref.npz"), reference_images=12)
 
     # The same figures computed directly from the sample file and the reference images.
     with np.load(workdir / "samples_ddim_2" / "samples.npz") as f:
