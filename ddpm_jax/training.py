@@ -425,6 +425,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             )
         except ValueError as e:
             raise ValueError(f"config.sample: {e}") from None
+    try:  # the grids' and evaluations' guidance
+        generation.guidance_setting(config)
+    except ValueError as e:
+        raise ValueError(f"config.sample: {e}") from None
     num_classes, class_conditional = config.model.get("num_classes"), config.data.class_conditional
     if (num_classes is not None) != bool(class_conditional):
         raise ValueError(
