@@ -255,16 +255,18 @@ def make_generate_fn(
 # ----------------------------------------------------------------------------------------------
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Record the settings the chunks are drawn with; refuse to mix chunks of other settings.
-    Process 0 decides (``out`` may be on its disk only) and every process raises with it."""
+    A setting missing from an older ``sampling.json`` counts as None (its default), so the
+    directories of earlier versions stay resumable. Process 0 decides (``out`` may be on its disk
+    only) and every process raises with it."""
 
     def check_or_record() -> None:
         path = out / SETTINGS_FILE
         if path.exists():
             saved = json.loads(path.read_text())
-            if saved != settings:
-                diffs = [f"{k}: {saved.get(k)!r} on disk != {settings.get(k)!r} now"
-                         for k in sorted(set(saved) | set(settings))
-                         if saved.get(k) != settings.get(k)]
+            diffs = [f"{k}: {saved.get(k)!r} on disk != {settings.get(k)!r} now"
+                     for k in sorted(set(saved) | set(settings))
+                     if saved.get(k) != settings.get(k)]
+            if diffs:
                 raise ValueError(
                     f"{out} holds samples drawn with other settings ({'; '.join(diffs)}). "
                     "Pass another --out, or delete that directory to start over."

@@ -101,6 +101,11 @@ def test_rerun_skips_chunks_on_disk_and_is_device_count_independent(cli_out, wor
     shutil.copytree(out, rerun)
     (rerun / "samples_00001.npz").unlink()
     (rerun / "samples.npz").unlink()
+    # Written before sample settings had a guidance_interval: a missing setting is its default.
+    settings_file = rerun / generation.SETTINGS_FILE
+    recorded = json.loads(settings_file.read_text())
+    del recorded["guidance_interval"]
+    settings_file.write_text(json.dumps(recorded))
     np.savez(rerun / "samples_00000.npz", arr_0=np.zeros((8, SIZE, SIZE, 1), np.uint8))
     params, config, _ = checkpointing.load_ema_params(workdir)
     generation.generate_samples(params, config, rerun, num_samples=10, **SETTINGS)
