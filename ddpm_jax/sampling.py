@@ -322,9 +322,8 @@ def make_model_fn(
             y=jnp.concatenate([y, null]), train=False,
         )
         cond, uncond = jnp.split(out, 2)
-        if guidance_interval is None:
-            return (1.0 + guidance) * cond - guidance * uncond
-        w = _per_example(jnp.where(inside(t), guidance, 0.0), x_t)
+        w = guidance if guidance_interval is None else _per_example(
+            jnp.where(inside(t), guidance, 0.0), x_t)
         return (1.0 + w) * cond - w * uncond
 
     if guidance_interval is None:

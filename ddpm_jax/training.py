@@ -416,17 +416,14 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             "underflow to zero: use bfloat16 (same speed on TPUs and recent GPUs, float32's "
             "range) or float32."
         )
-    if train.sample_every:
-        sample = config.sample
-        try:
+    sample = config.sample
+    try:
+        if train.sample_every:
             sampling.check_sampler_args(
                 config.diffusion.num_timesteps, sampler=sample.sampler,
                 num_steps=sample.num_steps, eta=sample.eta, var_type=config.diffusion.var_type,
             )
-        except ValueError as e:
-            raise ValueError(f"config.sample: {e}") from None
-    try:  # the grids' and evaluations' guidance
-        generation.guidance_setting(config)
+        generation.guidance_setting(config)  # the grids' and evaluations' guidance
     except ValueError as e:
         raise ValueError(f"config.sample: {e}") from None
     num_classes, class_conditional = config.model.get("num_classes"), config.data.class_conditional
