@@ -48,7 +48,8 @@ _METRICS = flags.DEFINE_string(
 )
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50_000, "Samples to draw and score.",
                                     allow_override=True)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Sampling batch (multiple of the devices).",
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Sampling batch (padded to a multiple of "
+                                   "the devices if it is not one).", lower_bound=1,
                                    allow_override=True)
 _SAMPLER = flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS),
                              "Sampler (default: the config's).", allow_override=True)
@@ -79,8 +80,8 @@ _INCEPTION_WEIGHTS = flags.DEFINE_string(
     "inception_weights", None, "FID Inception weights (.npz converted by `python -m "
     "ddpm_jax.convert --inception`, or the .pth with torch). Default: $DDPM_JAX_INCEPTION_WEIGHTS.",
 )
-_FEATURE_BATCH = flags.DEFINE_integer("feature_batch_size", 200,
-                                      "Inception batch (a multiple of the devices).")
+_FEATURE_BATCH = flags.DEFINE_integer("feature_batch_size", 200, "Inception batch (padded to a "
+                                      "multiple of the devices if it is not one).", lower_bound=1)
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Cache of reference statistics and the digits "
                                  "classifier (default: $DDPM_JAX_CACHE or ~/.cache/ddpm_jax).")
 _IMAGE_SIZE = flags.DEFINE_integer(
@@ -92,7 +93,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "With only --reference: the TF
 _BPD_SPLIT = flags.DEFINE_string("bpd_split", "test", "Data split of the bpd metric.")
 _BPD_NUM_IMAGES = flags.DEFINE_integer("bpd_num_images", None, "Only the first N images of "
                                        "--bpd_split (default: all).")
-_BPD_BATCH = flags.DEFINE_integer("bpd_batch_size", 64, "bits/dim batch (multiple of the devices).")
+_BPD_BATCH = flags.DEFINE_integer("bpd_batch_size", 64, "bits/dim batch (padded to a multiple of "
+                                  "the devices if it is not one).", lower_bound=1)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() (default: when the environment shows "
     "several processes).", allow_override=True,

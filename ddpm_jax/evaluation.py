@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import diffusion, files, generation, keys, sampling
+from ddpm_jax import diffusion, files, generation, keys, parallel, sampling
 from ddpm_jax.metrics import features as features_lib
 from ddpm_jax.metrics import reference as reference_lib
 from ddpm_jax.metrics import statistics
@@ -307,11 +307,7 @@ def bits_per_dim_on_split(
     ``num_images``); batch k draws its noise from fold_in(key(seed), k)."""
     from ddpm_jax import input_pipeline
 
-    if batch_size <= 0 or batch_size % mesh.size:
-        raise ValueError(
-            f"The bits/dim batch size {batch_size} must be a positive multiple of the "
-            f"{mesh.size} devices."
-        )
+    padded_size = parallel.padded_batch_size(batch_size, mesh.size, "--bpd_batch_size")
     count, examples = input_pipeline.iterate_split(config.data, split, batch_size)
     total = count if num_images is None else min(count, num_images)
     conditional = bool(config.model.get("num_classes"))
@@ -321,8 +317,8 @@ def bits_per_dim_on_split(
     values = []
 
     def padded(x: np.ndarray) -> jax.Array:
-        if len(x) < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
+        if len(x) < padded_size:  # a short last batch, or a batch the devices do not divide
+            x = np.concatenate([x, np.zeros((padded_size - len(x), *x.shape[1:]), x.dtype)])
         return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
     def batches() -> Iterator[dict[str, np.ndarray]]:
@@ -367,6 +363,8 @@ def training_eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any] 
                                 num_steps=num_steps, eta=eta, var_type=config.diffusion.var_type)
     if eval_config.num_samples <= 0 or eval_config.every_steps < 0:
         raise ValueError("config.eval.num_samples must be positive and every_steps >= 0.")
+    parallel.padded_batch_size(eval_config.batch_size, jax.device_count(),  # checks it is > 0
+                               "config.eval.batch_size")
     guidance, interval = generation.guidance_setting(config)
     generation.check_labels("random", config.model.get("num_classes"), guidance,
                             config.model.get("p_uncond", 0.0))

@@ -188,8 +188,13 @@ def make_generate_fn(
     return_trajectory: bool = False,
 ) -> Callable[..., tuple[jax.Array, ...]]:
     """Jitted ``(params, key, chunk) -> (uint8 images [B, H, W, C], labels [B] int32)`` drawn
-    with key fold_in(key, chunk); the batch is split over ``mesh``'s 'data' axis when the devices
-    divide it (else every device draws all of it).
+    with key fold_in(key, chunk); the batch is split over ``mesh``'s 'data' axis.
+
+    A batch B that the devices do not divide is drawn as the next multiple of the device count
+    and the padding rows are dropped (the outputs are then replicated rather than split). Noise
+    and labels are drawn per row from the same keys (threefry, partitionable: row i's values do
+    not depend on the batch size), so the B images are those an unpadded run of batch B draws,
+    e.g. on a device count that divides B.
 
     The one builder of sampled images: the sample and evaluate programs, and the trainer's grids
     and evaluations. Class-conditional labels are ``"random"`` (uniform), ``"grid"`` (i mod K:
@@ -206,23 +211,24 @@ def make_generate_fn(
         config.diffusion.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta,
         var_type=config.diffusion.var_type,
     )
+    padded = parallel.padded_batch_size(batch_size, mesh.size)
     size, channels = config.data.image_size, config.data.num_channels
-    shape = (batch_size, size, size, channels)
+    shape = (padded, size, size, channels)
     sched = diffusion.schedule_from_config(config.diffusion)
-    split = batch_size % mesh.size == 0
-    batch_sharding = NamedSharding(mesh, P("data") if split else P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
 
     def generate(params: PyTree, key: jax.Array, chunk: jax.Array) -> tuple[jax.Array, ...]:
         label_key, sample_key = jax.random.split(jax.random.fold_in(key, chunk))
-        index = jnp.arange(batch_size, dtype=jnp.int32)
+        index = jnp.arange(padded, dtype=jnp.int32)
         if not num_classes:
-            y = jnp.zeros((batch_size,), jnp.int32)
+            y = jnp.zeros((padded,), jnp.int32)
         elif labels == "grid":
             y = index % num_classes
         elif labels == "none":
-            y = jnp.full((batch_size,), num_classes, jnp.int32)
+            y = jnp.full((padded,), num_classes, jnp.int32)
         elif labels == "random":
-            y = jax.random.randint(label_key, (batch_size,), 0, num_classes, jnp.int32)
+            y = jax.random.randint(label_key, (padded,), 0, num_classes, jnp.int32)
         else:
             y = jnp.asarray(labels, jnp.int32)[index % len(labels)]
         network = sampling.make_model_fn(model, params, y if num_classes else None, guidance,
@@ -239,14 +245,15 @@ def make_generate_fn(
             return_trajectory=return_trajectory,
         )
         if not return_trajectory:
-            return images.to_uint8(result), y
+            return images.to_uint8(result)[:batch_size], y[:batch_size]
         x, traj = result
-        film = (images.to_uint8(f[:, :TRAJECTORY_ROWS]) for f in (traj.x_t, traj.pred_x0))
-        return (images.to_uint8(x), y, *film)
+        rows = min(TRAJECTORY_ROWS, batch_size)
+        film = (images.to_uint8(f[:, :rows]) for f in (traj.x_t, traj.pred_x0))
+        return (images.to_uint8(x)[:batch_size], y[:batch_size], *film)
 
-    out_shardings = (batch_sharding, batch_sharding)
+    out_shardings = (batch_sharding if padded == batch_size else replicated,) * 2
     if return_trajectory:
-        out_shardings += (NamedSharding(mesh, P()),) * 2
+        out_shardings += (replicated,) * 2
     return jax.jit(generate, out_shardings=out_shardings)
 
 
@@ -345,11 +352,14 @@ def generate_samples(
         raise ValueError(f"num_samples must be positive, got {num_samples}.")
     out = Path(out)
     mesh = parallel.make_data_mesh()
-    if batch_size <= 0 or batch_size % mesh.size:
-        raise ValueError(
-            f"--batch_size={batch_size} must be a positive multiple of the {mesh.size} devices "
-            f"(e.g. {mesh.size * max(1, batch_size // mesh.size)})."
-        )
+    padded = parallel.padded_batch_size(batch_size, mesh.size, "--batch_size")
+    if padded != batch_size:  # the same images as an unpadded run: see make_generate_fn
+        multiples = " or ".join(str(b) for b in (padded - mesh.size, padded) if b)
+        logging.warning(
+            "--batch_size=%d is not a multiple of the %d devices: each batch is drawn as %d "
+            "images and the %d padding ones are dropped (%.0f%% more work); --batch_size=%s "
+            "avoids that.", batch_size, mesh.size, padded, padded - batch_size,
+            100 * (padded / batch_size - 1), multiples)
     model = unet_from_config(config.model, config.data.num_channels)
     kw = dict(batch_size=batch_size, sampler=sampler, num_steps=num_steps, eta=eta,
               labels=labels, guidance=guidance, guidance_interval=guidance_interval)

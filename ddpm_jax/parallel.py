@@ -88,6 +88,16 @@ def make_data_mesh() -> Mesh:
     )
 
 
+def padded_batch_size(batch_size: int, device_count: int, name: str = "batch_size") -> int:
+    """The smallest multiple of ``device_count`` >= ``batch_size``: a batch that does not divide
+    the devices is padded to it, so each device computes an equal share of rows (the padding rows
+    are dropped afterwards) instead of every device computing all of them. ``name`` names the
+    setting in the error for a batch size < 1."""
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"{name}={batch_size!r} must be a positive integer.")
+    return -(-batch_size // device_count) * device_count
+
+
 def on_process_0(fn: Callable[[], None], what: str) -> None:
     """Runs ``fn`` on process 0 only while the others wait; if it raised, every process raises
     (process 0 its error, the others a RuntimeError naming ``what``), so that no process is left

@@ -30,7 +30,8 @@ _CHECKPOINT = flags.DEFINE_string(
 )
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50_000, "Number of images to draw.")
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 256, "Global batch size; must be divisible by the number of devices."
+    "batch_size", 256, "Global batch size; one that is not a multiple of the device count is "
+    "padded to one (the same images, some extra work).", lower_bound=1,
 )
 _SAMPLER = flags.DEFINE_enum(
     "sampler", None, list(sampling.SAMPLERS), "Sampler (default: the config's sample.sampler)."

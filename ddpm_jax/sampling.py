@@ -280,8 +280,11 @@ def make_model_fn(
 
         f̃(x_t, y) = (1 + w) f(x_t, y) - w f(x_t, ∅)
 
-    from ONE network call on the batch [x_t; x_t] with labels [y; ∅] (∅ = label
-    ``model.num_classes``, the "no class" embedding of a model trained with label dropout).
+    from ONE network call on the batch of 2B rows x_t[0], x_t[0], x_t[1], x_t[1], ... with labels
+    y[0], ∅, y[1], ∅, ... (∅ = label ``model.num_classes``, the "no class" embedding of a model
+    trained with label dropout). Interleaved, not [x_t; x_t]: when the batch is split over
+    devices, each device's rows and their twins stay on it, so a step moves no data between
+    devices (concatenating would reshuffle rows across devices at every step).
     f is the network's output, ε, x_0 or v: each of them is affine in ε at fixed (x_t, t)
     (x_0 = (x_t - sqrt(1-ᾱ_t) ε)/sqrt(ᾱ_t), v = (ε - sqrt(1-ᾱ_t) x_t)/sqrt(ᾱ_t)) and the weights
     (1 + w, -w) sum to 1, so combining outputs is the paper's ε̃ in every parameterisation.
@@ -315,13 +318,17 @@ def make_model_fn(
     def inside(t: jax.Array) -> jax.Array:  # with a guidance_interval
         return (t >= guidance_interval[0]) & (t <= guidance_interval[1])
 
+    def pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+        """[B, ...] twice -> [2B, ...] as rows a_0, b_0, a_1, b_1, ...: each example next to its
+        twin, so a batch split over devices stays split the same way (no data moves)."""
+        return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0], *a.shape[1:]))
+
     def guided_model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        null = jnp.full_like(y, num_classes)
         out = model.apply(
-            {"params": params}, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-            y=jnp.concatenate([y, null]), train=False,
-        )
-        cond, uncond = jnp.split(out, 2)
+            {"params": params}, pairs(x_t, x_t), pairs(t, t),
+            y=pairs(y, jnp.full_like(y, num_classes)), train=False,
+        ).reshape((x_t.shape[0], 2, *x_t.shape[1:]))
+        cond, uncond = out[:, 0], out[:, 1]
         w = guidance if guidance_interval is None else _per_example(
             jnp.where(inside(t), guidance, 0.0), x_t)
         return (1.0 + w) * cond - w * uncond

@@ -50,8 +50,8 @@ def test_rebatch_regroups_into_full_batches():
 
 def test_bad_input_is_refused():
     mesh = parallel.make_data_mesh()
-    with pytest.raises(ValueError, match="multiple of the 8 devices"):
-        features.FeatureExtractor(_feature_fn, mesh, batch_size=12)
+    with pytest.raises(ValueError, match="--feature_batch_size=0 must be a positive integer"):
+        features.FeatureExtractor(_feature_fn, mesh, batch_size=0)
     extractor = features.FeatureExtractor(_feature_fn, mesh, batch_size=8)
     with pytest.raises(ValueError, match="uint8"):
         extractor(np.zeros((2, 4, 4, 3), np.float32))

@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     ev.every_steps = 0
     ev.metrics = "fid"  # fid, is, kid or digits; the first one picks the best checkpoint
     ev.num_samples = 10_000
-    ev.batch_size = 500
+    ev.batch_size = 400  # divides 8 and 16 devices and num_samples (25 full chunks)
     ev.sampler = "ddim"
     ev.num_steps = 100
     ev.eta = placeholder(float)  # None: the sample section's

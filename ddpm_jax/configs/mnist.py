@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Evaluation during training: off; "digits" is the offline digits metric.
     config.eval.metrics = "digits"
     config.eval.num_samples = 1000
-    config.eval.batch_size = 100
+    config.eval.batch_size = 200  # divides 8 devices and num_samples
     config.eval.sampler = placeholder(str)  # None: the sample section's
     config.eval.num_steps = placeholder(int)
     return config

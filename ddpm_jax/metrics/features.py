@@ -5,7 +5,8 @@ A feature function is any pure, jittable ``fn(images uint8 [B, H, W, C]) -> {nam
 ``jax.tree_util.Partial`` binding the network's weights keeps them out of the compiled program.
 ``FeatureExtractor`` compiles it once for a fixed global batch split over the ('data',) mesh of
 every device of every process; a short last batch is padded with zeros and the padding rows are
-dropped, so any image count gives exactly that many rows and no recompilation.
+dropped, so any image count gives exactly that many rows and no recompilation. A batch size the
+devices do not divide is padded the same way, to the next multiple of the device count.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from ddpm_jax import parallel
+
 FeatureFn = Callable[[jax.Array], dict[str, jax.Array]]
 
 
@@ -30,11 +33,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, feature_fn: FeatureFn, mesh: Mesh, batch_size: int):
-        if batch_size <= 0 or batch_size % mesh.size:
-            raise ValueError(
-                f"The feature batch size {batch_size} must be a positive multiple of the "
-                f"{mesh.size} devices (e.g. {mesh.size * max(1, batch_size // mesh.size)})."
-            )
+        self._padded = parallel.padded_batch_size(batch_size, mesh.size, "--feature_batch_size")
         self.batch_size = batch_size
         self._sharding = NamedSharding(mesh, P("data"))
         # As an argument, a Partial's bound arrays (network weights) are inputs of the program,
@@ -53,8 +52,8 @@ class FeatureExtractor:
         n = len(images)
         if not 0 < n <= self.batch_size:
             raise ValueError(f"Got {n} images for a feature batch of {self.batch_size}.")
-        if n < self.batch_size:
-            pad = np.zeros((self.batch_size - n, *images.shape[1:]), np.uint8)
+        if n < self._padded:
+            pad = np.zeros((self._padded - n, *images.shape[1:]), np.uint8)
             images = np.concatenate([images, pad])
         batch = jax.make_array_from_callback(images.shape, self._sharding, lambda i: images[i])
         out = self._fn(self._feature_fn, batch)

@@ -1,0 +1,192 @@
+"""Sampling on a mesh of 8 (fake CPU) devices: the compiled sampling loop moves no data between
+devices, guided or not, and a batch the devices do not divide is padded, never replicated, giving
+the samples (and features, bits/dim) an unpadded run of the same keys gives."""
+
+import importlib
+import re
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ddpm_jax import evaluation, generation, parallel
+from ddpm_jax.metrics import features
+from ddpm_jax.models import unet_from_config
+from test_sample_cli import SIZE, random_params, tiny_config
+
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
+# Attributes of an HLO instruction that name the computations it runs.
+_CALLEES = re.compile(
+    r"\b(?:body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)"
+    r"|\bbranch_computations=\{([^}]*)\}"
+)
+
+
+def hlo_computations(text: str) -> dict[str, list[str]]:
+    """{computation name: its instruction lines} of a compiled module's ``as_text()``."""
+    computations, name = {}, None
+    for line in text.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header and not line.startswith(" "):
+            name = header.group(1)
+            computations[name] = []
+        elif line == "}":
+            name = None
+        elif name is not None:
+            computations[name].append(line)
+    return computations
+
+
+def while_loops(text: str) -> list[tuple[str, set[str]]]:
+    """(instruction, computations its body runs, transitively) of every while op."""
+    computations = hlo_computations(text)
+
+    def reachable(root: str) -> set[str]:
+        seen, todo = set(), [root]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in computations:
+                continue
+            seen.add(name)
+            for line in computations[name]:
+                for one, several in _CALLEES.findall(line):
+                    todo += [one] if one else [c.strip().lstrip("%") for c in several.split(",")]
+        return seen
+
+    return [(line, reachable(re.search(r"\bbody=%?([\w.\-]+)", line).group(1)))
+            for lines in computations.values() for line in lines if " while(" in line]
+
+
+def sampling_loop(text: str) -> tuple[str, list[str]]:
+    """(while instruction, its body's instruction lines) of the one loop that runs the network
+    (the only while whose body has convolutions; the others are the PRNG's)."""
+    computations = hlo_computations(text)
+    loops = [(op, [line for c in body for line in computations[c]])
+             for op, body in while_loops(text)]
+    [loop] = [(op, lines) for op, lines in loops if any(" convolution(" in x for x in lines)]
+    return loop
+
+
+def body_collectives(lines: list[str]) -> list[str]:
+    ops = "|".join(COLLECTIVES)
+    return [m.group(1) for x in lines if (m := re.search(rf"\b({ops})(?:-start)?\(", x))]
+
+
+def guided_config():
+    config = tiny_config(num_classes=3)
+    config.data.class_conditional = True
+    config.model.p_uncond = 0.1
+    return config
+
+
+@pytest.fixture(scope="module")
+def guided():
+    config = guided_config()
+    return config, unet_from_config(config.model, 1), random_params(config)
+
+
+def compiled_text(guided, batch_size, guidance, interval, mesh=None):
+    config, model, params = guided
+    fn = generation.make_generate_fn(
+        model, config, mesh or parallel.make_data_mesh(), batch_size=batch_size, sampler="ddim",
+        num_steps=3, eta=0.0, guidance=guidance, guidance_interval=interval,
+    )
+    return fn.lower(params, jax.random.key(0), np.int32(0)).compile().as_text()
+
+
+@pytest.mark.parametrize("batch_size, guidance, interval", [
+    (8, 0.0, None),  # unguided
+    (16, 2.0, None),  # guided: [x_t; x_t] along the split batch axis moved rows between devices
+    (8, 2.0, (500, 999)),  # the interval's lax.cond
+    (12, 2.0, None),  # padded to 16
+])
+def test_the_sampling_loop_moves_no_data_between_devices(guided, batch_size, guidance, interval):
+    op, body = sampling_loop(compiled_text(guided, batch_size, guidance, interval))
+    assert body_collectives(body) == []
+    # Each device carries its own rows of the chain: B padded to a multiple of 8, split 8 ways.
+    rows = parallel.padded_batch_size(batch_size, 8) // 8
+    assert f"f32[{rows},{SIZE},{SIZE},1]" in op
+
+
+def test_the_check_finds_collectives_in_a_loop_body():
+    """The parser sees a collective when there is one: a scan whose step averages over devices."""
+    mesh = parallel.make_data_mesh()
+    x = jax.device_put(np.ones((8, 4, 4), np.float32),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+    def scan(x):
+        def step(c, _):
+            kernel = np.ones((4, 4, 1), np.float32)
+            return jax.lax.conv_general_dilated(c, kernel, (1,), "SAME") + c.mean(), None
+        return jax.lax.scan(step, x, None, length=3)[0]
+
+    _, body = sampling_loop(jax.jit(scan).lower(x).compile().as_text())
+    assert "all-reduce" in body_collectives(body)
+
+
+@pytest.mark.parametrize("labels", ["random", "grid"])
+def test_a_padded_batch_draws_the_samples_of_an_unpadded_run(guided, labels):
+    """12 images on 8 devices (padded to 16) == the same 12 on 4 devices (no padding)."""
+    config, model, params = guided
+    draws = []
+    for mesh in (parallel.make_data_mesh(), Mesh(np.array(jax.devices()[:4]), ("data",))):
+        fn = generation.make_generate_fn(model, config, mesh, batch_size=12, sampler="ddpm",
+                                         num_steps=2, eta=0.0, labels=labels, guidance=1.0)
+        draws.append([np.asarray(a) for a in fn(params, jax.random.key(3), np.int32(1))])
+    (x8, y8), (x4, y4) = draws
+    assert x8.shape == (12, SIZE, SIZE, 1) and y8.shape == (12,)
+    np.testing.assert_array_equal(y8, y4)
+    np.testing.assert_array_equal(x8, x4)
+    assert len({x.tobytes() for x in x8}) == 12
+
+
+def test_generate_samples_pads_a_batch_the_devices_do_not_divide(tmp_path):
+    """--batch_size=6 on 8 devices: chunks of 6, each drawn as 8, with the trajectory film."""
+    config = tiny_config()
+    settings = dict(batch_size=6, sampler="ddim", num_steps=2, eta=0.0, seed=0)
+    path = generation.generate_samples(random_params(config), config, tmp_path, num_samples=9,
+                                       trajectory=True, **settings)
+    with np.load(path) as f:
+        assert f["arr_0"].shape == (9, SIZE, SIZE, 1)
+    with np.load(tmp_path / "samples_00001.npz") as f:
+        assert f["arr_0"].shape == (6, SIZE, SIZE, 1)
+    assert (tmp_path / "trajectory_x_t.png").exists()
+
+
+def test_feature_extractor_pads_a_batch_the_devices_do_not_divide():
+    def fn(images):
+        return {"sum": images.astype(np.float32).sum(axis=(1, 2, 3))}
+
+    extractor = features.FeatureExtractor(fn, parallel.make_data_mesh(), batch_size=12)
+    images = np.random.default_rng(0).integers(0, 256, (12, 3, 3, 1), dtype=np.uint8)
+    for n in (12, 5):
+        np.testing.assert_array_equal(extractor(images[:n])["sum"], images[:n].sum(axis=(1, 2, 3)))
+    with pytest.raises(ValueError, match="13 images for a feature batch of 12"):
+        extractor(np.zeros((13, 3, 3, 1), np.uint8))
+
+
+def test_bits_per_dim_pads_a_batch_the_devices_do_not_divide():
+    """Batch 6 on 8 devices (padded to 8) == batch 6 on 2 devices, image by image."""
+    config = tiny_config()
+    config.diffusion.num_timesteps = 20  # bits/dim sums all T terms: keep it short
+    model, params = unet_from_config(config.model, 1), random_params(config)
+    results = [
+        evaluation.bits_per_dim_on_split(params, model, config, mesh, split="train[:9]",
+                                         batch_size=6)
+        for mesh in (parallel.make_data_mesh(), Mesh(np.array(jax.devices()[:2]), ("data",)))
+    ]
+    assert results[0][1] == results[1][1] == 9
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    with pytest.raises(ValueError, match="--bpd_batch_size=0 must be a positive integer"):
+        evaluation.bits_per_dim_on_split(params, model, config, parallel.make_data_mesh(),
+                                         split="train[:9]", batch_size=0)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun_bedroom256", "lsun_church256",
+                                  "mnist", "tiny"])
+def test_accelerator_configs_sampling_batches_divide_8_devices(name):
+    """Padding costs work: the sampling batches of the configs meant for accelerators split evenly
+    over 8 chips. (mnist5k, the CPU default, keeps its recorded 100-image chunks and grid.)"""
+    config = importlib.import_module(f"ddpm_jax.configs.{name}").get_config()
+    assert config.eval.batch_size % 8 == 0 and config.sample.num_images % 8 == 0
