@@ -363,8 +363,8 @@ def training_eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any] 
                                 num_steps=num_steps, eta=eta, var_type=config.diffusion.var_type)
     if eval_config.num_samples <= 0 or eval_config.every_steps < 0:
         raise ValueError("config.eval.num_samples must be positive and every_steps >= 0.")
-    parallel.padded_batch_size(eval_config.batch_size, jax.device_count(),  # checks it is > 0
-                               "config.eval.batch_size")
+    if eval_config.batch_size < 1:  # one the devices do not divide is padded (make_generate_fn)
+        raise ValueError(f"config.eval.batch_size={eval_config.batch_size} must be positive.")
     guidance, interval = generation.guidance_setting(config)
     generation.check_labels("random", config.model.get("num_classes"), guidance,
                             config.model.get("p_uncond", 0.0))

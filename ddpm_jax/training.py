@@ -418,8 +418,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         )
     sample = config.sample
     try:
-        if train.sample_every:  # a grid the devices do not divide is padded (make_generate_fn)
-            parallel.padded_batch_size(sample.num_images, jax.device_count(), "num_images")
+        if train.sample_every:
+            if sample.num_images < 1:  # a grid the devices do not divide is padded
+                raise ValueError(f"num_images={sample.num_images} must be positive.")
             sampling.check_sampler_args(
                 config.diffusion.num_timesteps, sampler=sample.sampler,
                 num_steps=sample.num_steps, eta=sample.eta, var_type=config.diffusion.var_type,

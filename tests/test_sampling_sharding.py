@@ -1,6 +1,7 @@
 """Sampling on a mesh of 8 (fake CPU) devices: the compiled sampling loop moves no data between
 devices, guided or not, and a batch the devices do not divide is padded, never replicated, giving
-the samples (and features, bits/dim) an unpadded run of the same keys gives."""
+the samples (and features) an unpadded run of the same keys gives. (Bits/dim with a padded
+batch: tests/test_evaluate.py.)"""
 
 import functools
 import importlib
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from ddpm_jax import evaluation, generation, parallel
+from ddpm_jax import generation, parallel
 from ddpm_jax.metrics import features
 from ddpm_jax.models import unet_from_config
 from test_sample_cli import SIZE, random_params, tiny_config
@@ -169,23 +170,6 @@ def test_feature_extractor_pads_a_batch_the_devices_do_not_divide():
         extractor(np.zeros((13, 3, 3, 1), np.uint8))
 
 
-def test_bits_per_dim_pads_a_batch_the_devices_do_not_divide():
-    """Batch 6 on 8 devices (padded to 8) == batch 6 on 2 devices."""
-    config = tiny_config()
-    config.diffusion.num_timesteps = 10  # bits/dim sums all T terms: keep it short
-    model, params = unet_from_config(config.model, 1), random_params(config)
-    results = [
-        evaluation.bits_per_dim_on_split(params, model, config, mesh, split="train[:7]",
-                                         batch_size=6)
-        for mesh in (parallel.make_data_mesh(), Mesh(np.array(jax.devices()[:2]), ("data",)))
-    ]
-    assert results[0][1] == results[1][1] == 7
-    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
-    with pytest.raises(ValueError, match="--bpd_batch_size=0 must be a positive integer"):
-        evaluation.bits_per_dim_on_split(params, model, config, parallel.make_data_mesh(),
-                                         split="train[:9]", batch_size=0)
-
-
 @pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun_bedroom256", "lsun_church256",
                                   "mnist", "tiny"])
 def test_accelerator_configs_sampling_batches_divide_8_devices(name):
@@ -193,3 +177,19 @@ def test_accelerator_configs_sampling_batches_divide_8_devices(name):
     over 8 chips. (mnist5k, the CPU default, keeps its recorded 100-image chunks and grid.)"""
     config = importlib.import_module(f"ddpm_jax.configs.{name}").get_config()
     assert config.eval.batch_size % 8 == 0 and config.sample.num_images % 8 == 0
+
+
+def test_trainer_refuses_empty_sampling_batches_by_name():
+    from ddpm_jax import evaluation, training
+    from ddpm_jax.configs import tiny
+
+    config = tiny.get_config()
+    config.sample.num_images = 0
+    with pytest.raises(ValueError, match="config.sample: num_images=0 must be positive"):
+        training._validate(config)
+    config = tiny.get_config()
+    config.eval.every_steps, config.eval.batch_size = 4, 0
+    with pytest.raises(ValueError, match="config.eval.batch_size=0 must be positive"):
+        evaluation.training_eval_settings(config)
+    config.eval.batch_size = 7  # any positive batch: padded on 8 devices
+    assert evaluation.training_eval_settings(config) is not None
