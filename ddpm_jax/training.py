@@ -125,6 +125,34 @@ def create_train_state(
 # ----------------------------------------------------------------------------------------------
 # The train step.
 # ----------------------------------------------------------------------------------------------
+def check_clip_groups(groups: int, batch_size: int, device_count: int) -> None:
+    """Raises ValueError unless ``groups`` (config.optim.clip_groups) splits the batch evenly and
+    lays out over the devices: several whole groups per device, or one group over several."""
+    if groups < 1 or batch_size % groups:
+        raise ValueError(
+            f"config.optim.clip_groups={groups} must be >= 1 and divide config.data.batch_size="
+            f"{batch_size} (each group's gradient is clipped, then they are averaged)."
+        )
+    if groups > 1 and groups % device_count and device_count % groups:
+        choices = sorted({g for g in range(1, batch_size + 1)
+                          if batch_size % g == 0 and (g % device_count == 0 or device_count % g == 0)})
+        raise ValueError(
+            f"config.optim.clip_groups={groups} must be 1, a multiple or a divisor of the device "
+            f"count ({device_count}): each device clips its own groups' gradients, or a group "
+            f"spans whole devices. With config.data.batch_size={batch_size} these work: "
+            f"{', '.join(map(str, choices))}."
+        )
+
+
+def _clip(grads: PyTree, grad_clip: float) -> tuple[PyTree, jax.Array]:
+    """(grads scaled to global norm at most ``grad_clip`` (no clipping when <= 0), their norm)."""
+    norm = optax.tree.norm(grads)
+    if not grad_clip or grad_clip <= 0:
+        return grads, norm
+    scale = jnp.minimum(1.0, grad_clip / norm)
+    return jax.tree.map(lambda g: g * scale, grads), norm
+
+
 def _group_clipped_grads(
     grad_fn: Callable[..., tuple[tuple[jax.Array, jax.Array], PyTree]],
     params: PyTree,
@@ -132,24 +160,68 @@ def _group_clipped_grads(
     dropout_rng: jax.Array,
     groups: int,
     grad_clip: float,
+    mesh: Mesh | None = None,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
     """The original code's clipping (diffusion_tf/tpu_utils: ``CrossShardOptimizer`` with
     ``grad_clip / num_replicas``): the batch is split into ``groups`` consecutive groups, each
     group's mean-loss gradient is clipped to global norm ``grad_clip``, and the clipped gradients
     are averaged. Returns (gradient, per-example losses [B], mean of the groups' norms before
-    clipping). The original's logged ``gnorm`` is one group's norm / groups."""
-    split = [None if a is None else a.reshape(groups, -1, *a.shape[1:]) for a in batch]
-    in_axes = (None, *(None if a is None else 0 for a in split), 0)
-    (_, losses), group_grads = jax.vmap(grad_fn, in_axes=in_axes)(
-        params, *split, jax.random.split(dropout_rng, groups)
-    )
-    norms = jax.vmap(optax.tree.norm)(group_grads)  # [groups]
-    scale = jnp.minimum(1.0, grad_clip / norms) if grad_clip and grad_clip > 0 else 1.0
-    scale = jnp.broadcast_to(scale, norms.shape)
-    grads = jax.tree.map(
-        lambda g: jnp.mean(g * scale.reshape(-1, *([1] * (g.ndim - 1))), axis=0), group_grads
-    )
-    return grads, losses.reshape(-1), jnp.mean(norms)
+    clipping). The original's logged ``gnorm`` is one group's norm / groups.
+
+    As in the original, each device clips the gradients of its own share of the batch (no
+    per-group gradient is ever batched, which would turn weight-gradient convolutions into
+    batch-grouped ones): ``mesh`` is the ('data',) mesh the batch is split over (None: one device).
+    With D devices and groups = k·D, each device runs its k groups one after the other (group i
+    of device d has dropout key ``split(dropout_rng, groups)[d·k + i]``); with D = m·groups, a
+    group spans m consecutive devices, whose local gradients are averaged over the group before
+    its clip (member j of group g: dropout key ``fold_in(split(dropout_rng, groups)[g], j)``).
+    Then one mean over the devices, the same all-reduce as without groups.
+    """
+    devices = 1 if mesh is None else mesh.size
+    check_clip_groups(groups, batch[0].shape[0], devices)
+    members = max(1, devices // groups)  # devices per group
+    local_groups = max(1, groups // devices)  # groups per device
+    axes = ("group", "member")
+
+    def clip_local_groups(params: PyTree, batch: tuple[jax.Array | None, ...], keys: jax.Array):
+        """This device's groups (keys [local_groups]): (sum of their clipped gradients, sum of
+        their norms, per-example losses)."""
+        split = [None if a is None else a.reshape(local_groups, -1, *a.shape[1:]) for a in batch]
+
+        def clip_group(total: PyTree, group: tuple) -> tuple[PyTree, tuple[jax.Array, jax.Array]]:
+            *inputs, key = group
+            if members > 1:
+                key = jax.random.fold_in(key, jax.lax.axis_index("member"))
+            (_, losses), grads = grad_fn(params, *inputs, key)
+            if members > 1:  # the group's mean-loss gradient
+                grads = jax.lax.pmean(grads, "member")
+            clipped, norm = _clip(grads, grad_clip)
+            return jax.tree.map(jnp.add, total, clipped), (losses, norm)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        # A loop (not unrolled: one copy of the backward pass to compile), no loop for one group.
+        total, (losses, norms) = jax.lax.scan(
+            clip_group, zeros, (*split, keys), unroll=local_groups == 1
+        )
+        return total, jnp.sum(norms), losses.reshape(-1)
+
+    keys = jax.random.split(dropout_rng, groups)
+    if mesh is None:
+        total, norm_sum, losses = clip_local_groups(params, batch, keys)
+    else:
+        def per_device(params, batch, keys):
+            total, norm_sum, losses = clip_local_groups(params, batch, keys)
+            return jax.lax.pmean((total, norm_sum), axes), losses
+
+        group_mesh = Mesh(mesh.devices.reshape(-1, members), axes)  # the same devices, in order
+        (total, norm_sum), losses = jax.shard_map(
+            per_device, mesh=group_mesh, in_specs=(P(), P(axes), P("group")),
+            out_specs=(P(), P(axes)),
+            # The gradients stay per device (no implicit psum of the replicated params' cotangent).
+            check_vma=False,
+        )(params, batch, keys)
+    grads = jax.tree.map(lambda g: g / local_groups, total)
+    return grads, losses, norm_sum / local_groups
 
 
 def drop_labels(rng: jax.Array, y: jax.Array, p_uncond: float, null_label: int) -> jax.Array:
@@ -164,9 +236,12 @@ def make_train_step(
     model: Any,
     tx: optax.GradientTransformation,
     sched: diffusion.Schedule,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
     """``train_step(state, batch) -> (state, metrics)``: one Adam step on L_simple, then the EMA.
 
+    ``mesh``: the ('data',) mesh the batch is split over (None: one device), where each device
+    clips its own groups' gradients when ``config.optim.clip_groups`` > 1.
     ``batch`` is {"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B] (optional)}.
     ``metrics``: loss (batch mean), grad_norm (before clipping; with ``config.optim.clip_groups``
     > 1 the mean of the groups' norms), gnorm (grad_norm / clip_groups: the ``train/gnorm`` that
@@ -206,7 +281,7 @@ def make_train_step(
         else:
             grads, losses, grad_norm = _group_clipped_grads(
                 grad_fn, state.params, (x0, t, noise, y), dropout_rng, clip_groups,
-                config.optim.grad_clip,
+                config.optim.grad_clip, mesh,
             )
             loss = jnp.mean(losses)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -404,12 +479,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.steps_per_dispatch={k} must divide {', '.join(unaligned)}: every "
             "dispatch runs the same number of steps, so the train step compiles once."
         )
-    groups = config.optim.get("clip_groups", 1)
-    if groups < 1 or config.data.batch_size % groups:
-        raise ValueError(
-            f"config.optim.clip_groups={groups} must be >= 1 and divide config.data.batch_size="
-            f"{config.data.batch_size} (each group's gradient is clipped, then they are averaged)."
-        )
+    check_clip_groups(config.optim.get("clip_groups", 1), config.data.batch_size,
+                      jax.device_count())
     if config.model.get("dtype") == "float16":
         raise ValueError(
             "config.model.dtype=float16 has no loss scaling here, so small gradients would "
@@ -461,7 +532,7 @@ def make_jitted_training(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple
         compiler_options=_FAST_COMPILE if jax.default_backend() == "cpu" else None,
     )
     multi_step = jax.jit(
-        make_multi_step(make_train_step(config, model, tx, sched)),
+        make_multi_step(make_train_step(config, model, tx, sched, mesh)),
         in_shardings=(replicated, replicated, NamedSharding(mesh, P(None, "data"))),
         out_shardings=(replicated, replicated),
         donate_argnums=(0, 1),
