@@ -17,7 +17,9 @@ on each residual stream and outputs ≈ 0. Images are NHWC; the "resolution" of 
 height, as in the original.
 
 Mixed precision: `dtype` is the compute dtype, `param_dtype` the parameter dtype; GroupNorm
-statistics, the attention softmax and the output conv are always (at least) float32.
+statistics, the attention softmax and the output conv are always (at least) float32. GroupNorm
+(fused with the swish that follows it) keeps only its input for the backward pass, not a float32
+copy; `remat` recomputes the inside of each ResnetBlock and AttnBlock in the backward pass.
 """
 
 from __future__ import annotations
