@@ -297,3 +297,27 @@ def test_unet_from_config():
     cfg.dtype = "float64x"
     with pytest.raises(ValueError, match="model.dtype"):
         unet_from_config(cfg, num_channels=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rematerialisation.
+# ----------------------------------------------------------------------------------------------
+def test_remat_keeps_parameters_outputs_and_gradients(tiny):
+    model, x, t, params, _ = tiny
+
+    def loss_and_grads(remat):
+        m = UNet(**TINY, remat=remat)
+        assert jax.tree.structure(jax.eval_shape(m.init, jax.random.key(0), x, t)["params"]) \
+            == jax.tree.structure(params)
+        loss = lambda p: jnp.mean(m.apply({"params": p}, x, t, train=True,  # noqa: E731
+                                          rngs={"dropout": jax.random.key(3)}) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    expected = loss_and_grads("none")
+    for remat in ("blocks", "blocks_dots"):
+        for got, want in zip(jax.tree.leaves(loss_and_grads(remat)), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    cfg = ml_collections.ConfigDict(dict(ch=32, ch_mult=[1], num_res_blocks=1, attn_resolutions=[],
+                                         dropout=0.0, remat="everything"))
+    with pytest.raises(ValueError, match=r"remat='everything' \(config.model.remat\); use one of"):
+        unet_from_config(cfg, num_channels=3)

@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     # label by "no class" (an extra class-embedding row, hence a model field). 0: no such row.
     model.p_uncond = 0.0
     model.dtype = "float32"
+    # Rematerialise each ResnetBlock / AttnBlock in the backward pass to save memory: "none",
+    # "blocks" (keep only each block's inputs) or "blocks_dots" (also conv/matmul outputs).
+    model.remat = "none"
 
     config.diffusion = diff = ml_collections.ConfigDict()
     diff.schedule = "linear"

@@ -17,7 +17,9 @@ on each residual stream and outputs ≈ 0. Images are NHWC; the "resolution" of 
 height, as in the original.
 
 Mixed precision: `dtype` is the compute dtype, `param_dtype` the parameter dtype; GroupNorm
-statistics, the attention softmax and the output conv are always (at least) float32.
+statistics, the attention softmax and the output conv are always (at least) float32. GroupNorm
+(fused with the swish that follows it) keeps only its input for the backward pass, not a float32
+copy; `remat` recomputes the inside of each ResnetBlock and AttnBlock in the backward pass.
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax.models.group_norm import GroupNorm
+
 Dtype = Any
 
 NUM_GROUPS = 32  # GroupNorm groups of the original (tf.contrib.layers.group_norm defaults).
 NORM_EPS = 1e-6
 EMBEDDING_LAYOUTS = ("concat", "interleaved")
+# Rematerialisation of each ResnetBlock and AttnBlock (`config.model.remat`): what the forward
+# pass keeps inside a block for the backward pass; the rest is recomputed from the block's inputs.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: autodiff keeps what it needs
+    "blocks": jax.checkpoint_policies.nothing_saveable,  # only each block's inputs
+    "blocks_dots": jax.checkpoint_policies.dots_saveable,  # + conv and matmul outputs
+}
 
 
 def timestep_embedding(
@@ -93,11 +104,11 @@ def _dense(module: nn.Module, features: int, name: str, *, init_scale: float = 1
                     param_dtype=module.param_dtype, name=name)
 
 
-def _group_norm(module: nn.Module, x: jax.Array, name: str) -> jax.Array:
-    """GroupNorm(32, ε=1e-6) computed in float32 (two-pass variance); returns x's dtype."""
-    norm = nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=NORM_EPS, dtype=jnp.float32,
-                        param_dtype=module.param_dtype, use_fast_variance=False, name=name)
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+def _group_norm(module: nn.Module, x: jax.Array, name: str, *, swish: bool = False) -> jax.Array:
+    """GroupNorm(32, ε=1e-6) in float32 (two-pass variance), then swish if ``swish``; returns
+    x's dtype and keeps only x (not a float32 copy) for the backward pass."""
+    return GroupNorm(NUM_GROUPS, NORM_EPS, swish=swish, param_dtype=module.param_dtype,
+                     name=name)(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,10 +127,10 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
-        h = nn.swish(_group_norm(self, x, "norm1"))
+        h = _group_norm(self, x, "norm1", swish=True)
         h = _conv(self, self.out_ch, "conv1")(h)
         h = h + _dense(self, self.out_ch, "temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(_group_norm(self, h, "norm2"))
+        h = _group_norm(self, h, "norm2", swish=True)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self, self.out_ch, "conv2", init_scale=0.0)(h)
         if x.shape[-1] != self.out_ch:
@@ -177,6 +188,7 @@ class UNet(nn.Module):
     resamp_with_conv: bool = True
     num_classes: int | None = None
     null_class: bool = False
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -197,7 +209,19 @@ class UNet(nn.Module):
         if self.null_class and self.num_classes is None:
             raise ValueError("UNet: null_class (the 'no class' label of classifier-free guidance) "
                              "needs a class-conditional model; set num_classes.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"UNet: remat={self.remat!r} (config.model.remat); use one of "
+                             f"{tuple(REMAT_POLICIES)}.")
         super().__post_init__()
+
+    def _blocks(self) -> tuple[type[ResnetBlock], type[AttnBlock]]:
+        """ResnetBlock and AttnBlock, rematerialised per `remat` (same parameter names)."""
+        policy = REMAT_POLICIES[self.remat]
+        if policy is None:
+            return ResnetBlock, AttnBlock
+        # static_argnums counts self: ResnetBlock.__call__(self, x, temb, train).
+        return (nn.remat(ResnetBlock, policy=policy, static_argnums=(3,)),
+                nn.remat(AttnBlock, policy=policy))
 
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
         if x.ndim != 4:
@@ -231,6 +255,7 @@ class UNet(nn.Module):
         self._check_inputs(x, t, y)
         num_levels = len(self.ch_mult)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet_block, attn_block = self._blocks()
 
         temb = _dense(self, 4 * self.ch, "temb_dense0")(timestep_embedding(t, self.ch))
         temb = _dense(self, 4 * self.ch, "temb_dense1")(nn.swish(temb))
@@ -241,30 +266,30 @@ class UNet(nn.Module):
         hs = [_conv(self, self.ch, "conv_in")(x.astype(self.dtype))]
         for level in range(num_levels):
             for i in range(self.num_res_blocks):
-                h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout,
+                h = resnet_block(self.ch * self.ch_mult[level], self.dropout,
                           name=f"down_{level}_block_{i}", **kw)(hs[-1], temb, train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(name=f"down_{level}_attn_{i}", **kw)(h)
+                    h = attn_block(name=f"down_{level}_attn_{i}", **kw)(h)
                 hs.append(h)
             if level != num_levels - 1:
                 hs.append(self._downsample(hs[-1], f"down_{level}_downsample"))
 
         h = hs[-1]
-        h = ResnetBlock(h.shape[-1], self.dropout, name="mid_block_1", **kw)(h, temb, train)
-        h = AttnBlock(name="mid_attn_1", **kw)(h)
-        h = ResnetBlock(h.shape[-1], self.dropout, name="mid_block_2", **kw)(h, temb, train)
+        h = resnet_block(h.shape[-1], self.dropout, name="mid_block_1", **kw)(h, temb, train)
+        h = attn_block(name="mid_attn_1", **kw)(h)
+        h = resnet_block(h.shape[-1], self.dropout, name="mid_block_2", **kw)(h, temb, train)
 
         for level in reversed(range(num_levels)):
             for i in range(self.num_res_blocks + 1):
-                h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout,
+                h = resnet_block(self.ch * self.ch_mult[level], self.dropout,
                           name=f"up_{level}_block_{i}", **kw)(
                     jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(name=f"up_{level}_attn_{i}", **kw)(h)
+                    h = attn_block(name=f"up_{level}_attn_{i}", **kw)(h)
             if level != 0:
                 h = self._upsample(h, f"up_{level}_upsample")
 
-        h = nn.swish(_group_norm(self, h, "norm_out"))
+        h = _group_norm(self, h, "norm_out", swish=True)
         # The output conv in (at least) float32: the prediction the loss and sampler use.
         out_dtype = jnp.promote_types(self.dtype, jnp.float32)
         return _conv(self, self.out_ch, "conv_out", init_scale=0.0, dtype=out_dtype)(h)
@@ -307,5 +332,6 @@ def unet_from_config(model_config: ml_collections.ConfigDict, num_channels: int)
         resamp_with_conv=model_config.get("resamp_with_conv", True),
         num_classes=model_config.get("num_classes", None),
         null_class=p_uncond > 0,
+        remat=model_config.get("remat", "none"),
         dtype=jnp.dtype(dtype_name),
     )
