@@ -46,6 +46,8 @@ _INCEPTION_BATCH = flags.DEFINE_integer(
     "inception_batch", program_costs.DEFAULT_INCEPTION_BATCH,
     "FID Inception batch (python -m ddpm_jax.evaluate's --feature_batch_size default).")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
+_HLO_DIR = flags.DEFINE_string(
+    "hlo_dir", None, "Also write each program's compiled HLO text to <dir>/<program>.hlo.txt.")
 _MARKDOWN = flags.DEFINE_string(
     "markdown", None, "Compile nothing: print RESULTS.md table rows of these JSON reports "
     "(a glob, a directory or comma-separated files).")
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> None:
 
     results = program_costs.report(
         config, devices, _PROGRAMS.value, sample_batch=_SAMPLE_BATCH.value,
-        inception_batch=_INCEPTION_BATCH.value, on_program=show,
+        inception_batch=_INCEPTION_BATCH.value, hlo_dir=_HLO_DIR.value, on_program=show,
     )
     if _JSON.value:
         report = {"config": name, "command": " ".join(["python", *sys.argv]), "meta": meta,
