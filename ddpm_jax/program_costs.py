@@ -4,8 +4,8 @@
 over a 1-D ('data',) mesh of ``devices``), exactly the programs that the commands run, built by
 the library's own builders:
 
-    train           ``training.make_jitted_training``'s ``multi_step`` (``python -m ddpm_jax.train``;
-                    K = config.train.steps_per_dispatch steps a dispatch)
+    train           ``training.make_jitted_training``'s ``multi_step``
+                    (``python -m ddpm_jax.train``; K = config.train.steps_per_dispatch steps)
     sample          ``generation.make_generate_fn`` with the config's sampler and steps
                     (``python -m ddpm_jax.sample``, unguided)
     sample_guided   the same with classifier-free guidance (configs whose model has the "no class"
@@ -322,9 +322,12 @@ def analyse(compiled: Any, *, images_per_device: float, counted_calls_of: int = 
     loop's trip count, 1 when the body holds one call) to give the cost of ONE call on
     ``images_per_device`` images."""
     memory = compiled.memory_analysis()
+    # What the device holds: arguments, outputs not aliased to arguments, temporaries and the
+    # program itself; XLA's own peak (when it reports one) may count differently: take the larger.
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-    peak = getattr(memory, "peak_memory_in_bytes", 0) or total
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+             + memory.generated_code_size_in_bytes)
+    peak = max(getattr(memory, "peak_memory_in_bytes", 0), total)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo = collectives(compiled.as_text())
@@ -341,6 +344,7 @@ def analyse(compiled: Any, *, images_per_device: float, counted_calls_of: int = 
             "temp_bytes": memory.temp_size_in_bytes,
             "generated_code_bytes": memory.generated_code_size_in_bytes,
             "total_bytes": total,
+            "xla_peak_bytes": getattr(memory, "peak_memory_in_bytes", None),
             "peak_bytes": peak,
         },
         "counted_calls": counted,
@@ -655,12 +659,14 @@ def format_program(result: dict[str, Any]) -> str:
              f"  compile       {result['compile_s']:.1f} s"]
     fits = ""
     if "hbm_headroom" in mem:
-        fits = (f" of {_gib(result['chip']['hbm_bytes'])} HBM: "
-                f"{100 * mem['hbm_headroom']:.0f}% headroom")
+        fits = (f"; by the larger, {100 * mem['hbm_headroom']:.0f}% headroom in the chip's "
+                f"{_gib(result['chip']['hbm_bytes'])} HBM")
     lines.append(
         f"  memory/device arguments {_gib(mem['argument_bytes'])}, outputs "
         f"{_gib(mem['output_bytes'])} ({_gib(mem['alias_bytes'])} aliased to arguments), "
-        f"temporaries {_gib(mem['temp_bytes'])}; total {_gib(mem['total_bytes'])}{fits}")
+        f"temporaries {_gib(mem['temp_bytes'])}, code {_gib(mem['generated_code_bytes'])}; "
+        f"total {_gib(mem['total_bytes'])}, XLA's peak {_gib(mem['xla_peak_bytes'] or 0)}"
+        f"{fits}")
     lines.append(
         f"  per {call:<10}{result['flops_per_call'] / 1e9:.4g} GFLOP, "
         f"{_size(result['hbm_bytes_per_call'])} HBM accessed per device "
@@ -716,7 +722,7 @@ def format_header(meta: dict[str, Any], config_name: str) -> str:
 
 MARKDOWN_HEADER = (
     "| date | devices | jax / libtpu | config | dtype, remat | batch (per device) | program | "
-    "GFLOP/image compiled (analytic) | HBM MB/image | args / temps / total GiB per device "
+    "GFLOP/image compiled (analytic) | HBM MB/image | args / temps / peak GiB per device "
     "(headroom) | collectives per step or call | roofline BOUND images/s | compile s |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
@@ -746,7 +752,7 @@ def markdown_row(report_json: dict[str, Any], result: dict[str, Any]) -> str:
         f"{result['images_per_call']} ({result['images_per_device']:g})",
         result["program"], flops, f"{result['hbm_bytes_per_image'] / 1e6:.4g}",
         f"{mem['argument_bytes'] / GiB:.2f} / {mem['temp_bytes'] / GiB:.2f} / "
-        f"{mem['total_bytes'] / GiB:.2f}{headroom}",
+        f"{mem['peak_bytes'] / GiB:.2f}{headroom}",
         coll, bound_text, f"{result['compile_s']:.0f}",
     ]
     return "| " + " | ".join(str(c) for c in cells) + " |"
