@@ -57,10 +57,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import configs, convert, generation, parallel, training  # noqa: E402
+from ddpm_jax import configs, generation, parallel, training  # noqa: E402
 from ddpm_jax.models import unet_from_config  # noqa: E402
 
-import synthetic  # noqa: E402  (benchmarks/synthetic.py, beside this script)
+import diffusers_equivalent  # noqa: E402  (beside this script)
+import synthetic  # noqa: E402  (beside this script)
 
 FRAMEWORKS = ("ddpm_jax", "diffusers")
 DTYPES = ("float32", "bfloat16")
@@ -79,69 +80,15 @@ _FRAMEWORKS = flags.DEFINE_list("frameworks", list(FRAMEWORKS), f"Subset of {FRA
 _DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), f"Subset of {DTYPES}.")
 _SKIP_COMPILE = flags.DEFINE_bool(
     "skip_compile", False, "Leave out the torch.compile variants (slow to compile on a CPU).")
+_EXCLUDE = flags.DEFINE_list(
+    "exclude", [], "Variants to leave out, each named by some of framework:mode:dtype, e.g. "
+    "ddpm_jax:bfloat16 (XLA:CPU compiles it very slowly) or diffusers:compile:bfloat16.")
 _TINY = flags.DEFINE_bool(
     "tiny", False, "Smoke test in seconds: " + ", ".join(f"--{k}={v}" for k, v in TINY.items())
     + " (flags given explicitly still win).")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", -1, "CPU backend only: JAX devices to split the CPU into, as ddpm_jax.train "
     "does (-1 one per core, 0 JAX's default).")
-
-
-# ----------------------------------------------------------------------------------------------
-# The same model and sampler in diffusers' terms.
-# ----------------------------------------------------------------------------------------------
-_STRUCTURE = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-              "resamp_with_conv", "num_classes")
-
-
-def diffusers_unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """UNet2DModel's arguments for config.model: ``convert.model_config_from_diffusers`` inverted,
-    and checked by applying it (ValueError for a model diffusers' blocks cannot express)."""
-    model, size = config.model, config.data.image_size
-    if model.get("num_classes") is not None:
-        raise ValueError("config.model.num_classes is set: the side by side times unconditional "
-                         "models (the paper's); unset it (--config.model.num_classes=None).")
-    attn = [size // 2**level in model.attn_resolutions for level in range(len(model.ch_mult))]
-    unet = {key: need for key, (need, _) in convert._FIXED_SETTINGS.items()}
-    unet.update(
-        _class_name="UNet2DModel", sample_size=size, in_channels=config.data.num_channels,
-        out_channels=config.data.num_channels, block_out_channels=[model.ch * m
-                                                                   for m in model.ch_mult],
-        layers_per_block=model.num_res_blocks, attention_head_dim=None, dropout=model.dropout,
-        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-    )
-    back, _, _ = convert.model_config_from_diffusers(unet)
-    ours = {k: model.get(k, True if k == "resamp_with_conv" else None) for k in _STRUCTURE}
-    theirs = {k: back[k] for k in _STRUCTURE}
-    ours["ch_mult"], ours["attn_resolutions"] = (tuple(ours["ch_mult"]),
-                                                 tuple(ours["attn_resolutions"]))
-    if ours != theirs:
-        raise ValueError(f"config.model {ours} has no UNet2DModel counterpart (the nearest is "
-                         f"{theirs}).")
-    return {k: v for k, v in unet.items() if not k.startswith("_")}
-
-
-_PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-_VARIANCES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
-
-
-def diffusers_scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """DDPMScheduler's arguments for config.diffusion and config.sample: the inverse of
-    ``convert.settings_from_scheduler``, checked by applying it."""
-    diff = config.diffusion
-    beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[diff.schedule]
-    sched = dict(num_train_timesteps=diff.num_timesteps, beta_start=diff.beta_start,
-                 beta_end=diff.beta_end, beta_schedule=beta_schedule,
-                 prediction_type=_PREDICTIONS[diff.mean_type],
-                 variance_type=_VARIANCES[diff.var_type],
-                 clip_sample=bool(config.sample.clip_denoised))
-    back = convert.settings_from_scheduler(sched)
-    want = {"diffusion": {k: diff[k] for k in back["diffusion"]},
-            "sample": {"clip_denoised": bool(config.sample.clip_denoised)}}
-    if back != want:
-        raise ValueError(f"No DDPMScheduler for {want} (the nearest is {back}).")
-    return sched
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,8 +184,8 @@ def _torch_tasks(config: ml_collections.ConfigDict, dtypes: list[str], modes: li
     The variants share one model, optimizer and EMA (torch.compile wraps the same module)."""
     torch, diffusers = modules
     device = _torch_device(torch)
-    net = diffusers.UNet2DModel(**diffusers_unet_config(config)).to(device)
-    scheduler = diffusers.DDPMScheduler(**diffusers_scheduler_config(config))
+    net = diffusers.UNet2DModel(**diffusers_equivalent.unet_config(config)).to(device)
+    scheduler = diffusers.DDPMScheduler(**diffusers_equivalent.scheduler_config(config))
     optim = config.optim
     params = list(net.parameters())
     ema = [p.detach().clone() for p in params]
@@ -399,6 +346,11 @@ def _device_name() -> str:
     return f"{jax.device_count()} x {d.device_kind} ({d.platform})"
 
 
+def _matches(v: Variant, pattern: str) -> bool:
+    """Whether every ':'-separated part of ``pattern`` names v's framework, mode or dtype."""
+    return all(part in (v.framework, v.mode, v.dtype) for part in pattern.split(":"))
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with a shipped config's name resolved to its file and --tiny's defaults."""
     tiny = any(a in ("--tiny", "--tiny=true", "--tiny=True") for a in argv)
@@ -432,6 +384,10 @@ def main(argv: list[str]) -> None:
                                  (dtypes, DTYPES, "dtypes")):
         if not given or set(given) - set(allowed):
             raise app.UsageError(f"--{flag}={','.join(given)}: choose from {','.join(allowed)}.")
+    names = set(FRAMEWORKS) | set(DTYPES) | {"jit", "eager", "compile"}
+    for pattern in _EXCLUDE.value:
+        if set(pattern.split(":")) - names:
+            raise app.UsageError(f"--exclude={pattern}: name variants by {sorted(names)}.")
     config = _CONFIG.value
     config.data.batch_size = _BATCH.value
     sample_batch = _SAMPLE_BATCH.value or _BATCH.value
@@ -441,7 +397,7 @@ def main(argv: list[str]) -> None:
                              f"{config.diffusion.num_timesteps - 1}.")
     modules = _torch_modules() if "diffusers" in frameworks else None
     if modules:
-        diffusers_unet_config(config)  # refuse a model diffusers cannot express before any work
+        diffusers_equivalent.unet_config(config)  # refuses what diffusers cannot express, early
     parallel.split_cpu_into_devices(config.data.batch_size, _CPU_DEVICES.value)
     training._validate(config)  # the trainer's checks: batch, clip_groups, steps_per_dispatch
     load_before = os.getloadavg()
@@ -483,8 +439,10 @@ def main(argv: list[str]) -> None:
           f"{config.optim.get('clip_groups', 1)}, {config.train.steps_per_dispatch} step(s) per "
           f"dispatch); sampling batch {sample_batch}, {sample_steps} ancestral steps per call")
     print(f"timing:     {_REPEATS.value} rounds of {_CALLS.value} call(s) per variant, in turns, "
-          f"after the first call and {_WARMUP.value} warm-up call(s)", flush=True)
+          f"after the first call and {_WARMUP.value} warm-up call(s)"
+          + (f"; left out: {', '.join(_EXCLUDE.value)}" if _EXCLUDE.value else ""), flush=True)
 
+    entries = [e for e in entries if not any(_matches(e[0], x) for x in _EXCLUDE.value)]
     variants = [v for v, _, _ in entries]
 
     def fallible(v: Variant) -> bool:  # bf16 and torch.compile may not run everywhere
