@@ -305,8 +305,13 @@ elif step side_by_side 300 "$PY" "${cmd[@]}"; then
     [ "$task" = train ] || [ "$task" = sample ] || continue
     unit="images/s"
     [ "$task" = sample ] && unit="images x steps/s"
-    row "python ${cmd[*]}" "$task $(echo $framework $mode $dtype): $(echo $rate) $unit \
+    rate="$(echo $rate)"
+    if [ "${rate#skipped}" != "$rate" ]; then
+      row "python ${cmd[*]}" "$task $(echo $framework $mode $dtype): $rate"
+    else
+      row "python ${cmd[*]}" "$task $(echo $framework $mode $dtype): $rate $unit \
 (range $(echo $range), first call $(echo $first) s; $context)"
+    fi
   done <<<"$(echo "$STEP_OUT" | grep -E '^\| (train|sample) \|')"
   while read -r line; do
     row "python ${cmd[*]}" "$line"
