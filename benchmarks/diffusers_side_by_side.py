@@ -84,8 +84,8 @@ _EXCLUDE = flags.DEFINE_list(
     "exclude", [], "Variants to leave out, each named by some of framework:mode:dtype, e.g. "
     "ddpm_jax:bfloat16 (XLA:CPU compiles it very slowly) or diffusers:compile:bfloat16.")
 _TINY = flags.DEFINE_bool(
-    "tiny", False, "A CPU-sized smoke test (CI): " + ", ".join(f"--{k}={v}" for k, v in TINY.items())
-    + " (flags given explicitly still win).")
+    "tiny", False, "A CPU-sized smoke test (CI): "
+    + ", ".join(f"--{k}={v}" for k, v in TINY.items()) + " (flags given explicitly still win).")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", -1, "CPU backend only: JAX devices to split the CPU into, as ddpm_jax.train "
     "does (-1 one per core, 0 JAX's default).")
