@@ -64,8 +64,10 @@ LOG="$OUT_DIR/device_check.log"
 : >"$LOG"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SCRATCH="$(mktemp -d /tmp/device_check.XXXXXX)"
+trap 'rm -rf "$SCRATCH"' EXIT
 # One compilation cache for all steps: the side by side reuses the train steps compiled in step 4.
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d /tmp/device_check_xla.XXXXXX)}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/xla}"
 START=$SECONDS
 FAILED=0
 
@@ -73,7 +75,7 @@ say() { echo "$*" | tee -a "$LOG"; }
 
 wheels="${DEVICE_CHECK_WHEELS:-.whl}"
 if compgen -G "$wheels/*.whl" >/dev/null; then
-  site="$(mktemp -d /tmp/device_check_site.XXXXXX)"
+  site="$SCRATCH/site"
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
       "$wheels"/*.whl >>"$LOG" 2>&1; then
     export PYTHONPATH="$PYTHONPATH:$site"
