@@ -467,5 +467,14 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
 
 
+def _main_reporting_user_errors(argv: list[str]) -> None:
+    """main, with a missing package or a config diffusers cannot express as one line."""
+    try:
+        main(argv)
+    except (ImportError, ValueError) as e:
+        sys.stdout.flush()
+        sys.exit(f"{Path(__file__).name}: error: {e}")
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(_main_reporting_user_errors, flags_parser=_parse_flags)
