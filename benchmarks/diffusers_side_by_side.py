@@ -472,6 +472,8 @@ def _main_reporting_user_errors(argv: list[str]) -> None:
     try:
         main(argv)
     except (ImportError, ValueError) as e:
+        if os.environ.get("DDPM_JAX_TRACEBACK"):
+            raise
         sys.stdout.flush()
         sys.exit(f"{Path(__file__).name}: error: {e}")
 

@@ -120,6 +120,21 @@ def test_side_by_side_times_both_frameworks_and_prints_the_ratio_of_the_best(rep
     assert bad.returncode != 0 and "--exclude=ddpm_jax:float64" in bad.stderr
 
 
+def test_side_by_side_says_which_package_is_missing(tmp_path, repo_env):
+    (tmp_path / "sitecustomize.py").write_text(  # as if diffusers were not installed
+        "import sys\nsys.modules['diffusers'] = None\n")
+    env = dict(repo_env, PYTHONPATH=f"{tmp_path}:{repo_env['PYTHONPATH']}")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/diffusers_side_by_side.py", "--tiny"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffusers_side_by_side.py: error: The diffusers side needs torch and "
+                           "diffusers (the [parity] extra")
+    assert "--frameworks=ddpm_jax" in last
+
+
 @pytest.mark.slow
 def test_device_check_writes_a_results_row_for_every_step(tmp_path, repo_env):
     env = dict(repo_env, OUT=str(tmp_path), PYTHON=sys.executable,
