@@ -14,13 +14,14 @@ from __future__ import annotations
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from ddpm_jax import parallel, training
+
+import synthetic  # benchmarks/synthetic.py, beside this script
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed dispatches.")
@@ -43,15 +44,7 @@ def main(argv: list[str]) -> None:
     batch = config.data.batch_size
     size, channels = config.data.image_size, config.data.num_channels
     rng = jax.random.key(0)
-    batches = {
-        "image": jax.device_put(
-            jax.random.uniform(rng, (k, batch, size, size, channels), minval=-1.0, maxval=1.0),
-            NamedSharding(mesh, P(None, "data")),
-        )
-    }
-    if config.model.get("num_classes"):
-        labels = np.arange(k * batch, dtype=np.int32).reshape(k, batch) % config.model.num_classes
-        batches["label"] = jax.device_put(labels, NamedSharding(mesh, P(None, "data")))
+    batches = synthetic.train_batches(config, mesh, rng)
 
     state = init(rng)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
