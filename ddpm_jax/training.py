@@ -305,8 +305,21 @@ def make_multi_step(
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging, signals, layout.
+# Logging, signals, faults, layout.
 # ----------------------------------------------------------------------------------------------
+class NonFiniteLossError(FloatingPointError):
+    """A non-finite loss or params: the run stops with its last good checkpoint intact.
+
+    Rerunning the same command would resume from that checkpoint and diverge again at the same
+    step (a run is a pure function of config and step), so ``python -m ddpm_jax.train`` exits
+    with ``exit_status`` (3), which launchers read as "do not requeue" (launch/gpu_slurm.sh).
+    3 is neither Python's or absl's error status (1) nor a usage error (2), a shell's (126, 127)
+    or a signal's (128 + n).
+    """
+
+    exit_status = 3
+
+
 class _StopRequest:
     """A request to save a checkpoint and stop (SIGTERM: preemption; Ctrl-C), checked every step.
 
@@ -519,8 +532,9 @@ def train_and_evaluate(
     """Trains (or resumes) the run in ``workdir`` to ``config.train.num_steps``; returns the state.
 
     Writes workdir/config.json and mesh.json, TensorBoard events, samples/<step>.png grids of EMA
-    samples, and checkpoints. Stops with FloatingPointError on a non-finite loss (no checkpoint
-    of non-finite params is ever written); SIGTERM/SIGINT save a checkpoint and return.
+    samples, and checkpoints. Stops with NonFiniteLossError (a FloatingPointError) on a non-finite
+    loss, once the last good checkpoint is on disk (no checkpoint of non-finite params is ever
+    written); SIGTERM/SIGINT save a checkpoint and return.
     """
     workdir = checkpointing.as_path(workdir)
     train_config = config.train
@@ -580,7 +594,7 @@ def train_and_evaluate(
                 return
             ckpt.wait()
             where = f"at step {bad}" if bad != _NO_BAD_STEP else f"by step {step}"
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"Non-finite loss or params {where}: training stopped. The last good checkpoint "
                 f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact; lower "
                 "config.optim.lr or config.optim.grad_clip and resume from it."

@@ -168,7 +168,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(num_steps=4, log_every=10, checkpoint_every=1, sample_every=0)
     config.optim.lr = 1e30
     config.optim.warmup_steps = 2
-    with pytest.raises(FloatingPointError, match=r"Non-finite loss .*at step 3"):
+    with pytest.raises(training.NonFiniteLossError, match=r"Non-finite loss .*at step 3"):
         training.train_and_evaluate(config, tmp_path)
     ckpt_dir = tmp_path / "checkpoints"
     assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [1, 2]
@@ -287,6 +287,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subprocess_env):
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
     assert len(steps) == 1 and steps[0] >= 2
     assert f"Stopped at step {steps[0]} and saved its checkpoint" in log
+
+
+@pytest.mark.slow
+def test_non_finite_loss_exits_with_the_do_not_requeue_status(tmp_path, subprocess_env):
+    """The command's exit status 3 (launchers: do not requeue), one line, checkpoint 2 resumable.
+    lr 0 at step 1 (warm-up), then 5e29: the params of step 2 overflow the forward of step 3."""
+    result = subprocess.run(
+        _train_command(tmp_path, "--config.train.num_steps=4", "--config.train.log_every=4",
+                       "--config.train.checkpoint_every=1", "--config.train.sample_every=0",
+                       "--config.optim.lr=1e30", "--config.optim.warmup_steps=2"),
+        env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == training.NonFiniteLossError.exit_status == 3, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ddpm_jax.train: error: Non-finite loss or params at step 3"), last
+    assert "Traceback" not in result.stderr
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2]
+    state = _final_state(tmp_path, 2)
+    assert int(state.step) == 2
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
 
 
 @pytest.mark.slow
