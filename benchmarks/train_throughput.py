@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from ddpm_jax import parallel, training
+from ddpm_jax import keys, parallel, training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed dispatches.")
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     k = config.train.steps_per_dispatch
     batch = config.data.batch_size
     size, channels = config.data.image_size, config.data.num_channels
-    rng = jax.random.key(0)
+    rng = keys.stream(0, keys.TRAIN, keys.train_impl(config))
     batches = {
         "image": jax.device_put(
             jax.random.uniform(rng, (k, batch, size, size, channels), minval=-1.0, maxval=1.0),

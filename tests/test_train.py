@@ -357,6 +357,8 @@ def test_a_stop_between_log_steps_saves_that_step(tmp_path, monkeypatch):
     (dict(model=dict(dtype="float16")), "use bfloat16"),
     (dict(train=dict(steps_per_dispatch=3, log_every=4)), "must divide config.train.num_steps=4"),
     (dict(optim=dict(clip_groups=3)), "clip_groups=3 must be >= 1 and divide"),
+    (dict(train=dict(prng_impl="philox")),
+     "config.train.prng_impl='philox' is not one of threefry2x32, rbg, unsafe_rbg."),
     (dict(sample=dict(guidance=1.0, guidance_interval=(500, 1000))),
      "config.sample: guidance_interval=(500, 1000)"),
 ])

@@ -65,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.sample_every = 50_000
     train.ema_decay = 0.9999
     train.steps_per_dispatch = 1
+    # The PRNG implementation of the run's key (jax.random.key_impl names): "threefry2x32",
+    # "rbg" or "unsafe_rbg". Recorded in the workdir (a run cannot resume with another; runs
+    # from before this field are threefry2x32). See benchmarks/prng_draws.py for what each costs.
+    train.prng_impl = "threefry2x32"
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.sampler = "ddpm"
