@@ -389,6 +389,42 @@ def test_several_steps_per_dispatch_compile_the_step_once(tmp_path):
     assert len(compiled) == 1, compiled
 
 
+def test_several_steps_per_dispatch_stop_at_exact_steps(tmp_path, monkeypatch):
+    """K = 4: logs, checkpoints, grids and evaluations at exactly their multiples of K."""
+    evaluated, logged = [], []
+    monkeypatch.setattr(training.evaluation, "make_training_evaluator", lambda *a: object())
+    monkeypatch.setattr(training, "_evaluate_and_log", lambda ev, p, step, *a: evaluated.append(step))
+    monkeypatch.setattr(training.summary.SummaryWriter, "scalars",
+                        lambda self, step, scalars: logged.append(step))
+    config = tiny_config(num_steps=16, log_every=8, checkpoint_every=12, sample_every=4,
+                         steps_per_dispatch=4, keep_checkpoints=None)
+    config.eval.every_steps = 8
+    assert int(training.train_and_evaluate(config, tmp_path).step) == 16
+    assert logged == [8, 16]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [12, 16]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        f"{s:08d}.png" for s in (4, 8, 12, 16)]
+    assert evaluated == [8, 16]
+
+
+def test_a_sigterm_during_a_dispatch_saves_at_its_end_step(tmp_path, monkeypatch):
+    """The signal arrives while the second dispatch (steps 5..8) is under way: checkpoint 8."""
+    calls, global_batches = [], training._global_batches
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        batches = global_batches(*args, **kwargs)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batches
+
+    monkeypatch.setattr(training, "_global_batches", signalling)
+    config = tiny_config(num_steps=16, log_every=16, checkpoint_every=16, sample_every=0,
+                         steps_per_dispatch=4)
+    assert int(training.train_and_evaluate(config, tmp_path).step) == 8
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["8"]
+
+
 def test_group_clipping_is_the_per_group_computation():
     """clip_groups=G: each group's mean-loss gradient clipped to grad_clip, then averaged,
     computed here group by group in float64 with the same keys."""
