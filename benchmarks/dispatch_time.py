@@ -5,13 +5,14 @@
 Runs the trainer's own jitted, sharded ``multi_step`` (``training.make_jitted_training``) over
 ``--devices`` fake CPU devices, one image per device (``--image_size``, default 16, with the
 attention resolutions scaled alike: the UNet's parameters depend on neither, so the state is the
-config's own, checked), and
-times the Python call until it returns (the host's share: argument checks, sharding and donation
-of every leaf, launch), with its inputs ready and the previous dispatch finished, median and min
-of ``--repeats``; and, as a check free of any computation, the same arguments through a jitted
-no-op (outputs alias the donated inputs) until its results are ready. Also times ``training._global_batches`` of one step of the config's real batch
-(the per-step host-to-device copy, which K does not amortise). Prints leaves, times and, for the
-``--step_ms`` device step times given, the host share ``dispatch / (K * step)`` per K.
+config's own, checked), and times the Python call until it returns (the host's share: argument
+checks, sharding and donation of every leaf, launch), with its inputs ready and the previous
+dispatch finished, median and min of ``--repeats``. First, free of any computation (and of the
+train step's long CPU compile, which ``--null_only`` skips), the same arguments go through a
+jitted no-op (outputs alias the donated inputs), timed until its results are ready. Also times
+``training._global_batches`` of one step of the config's real batch (the per-step copy to the
+devices, which K does not amortise). Prints leaves, times and, for the ``--step_ms`` device step
+times given, the host share ``dispatch / (K * step)`` per K.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _median_s(fn, repeats: int) -> float:
 
 def main(argv: list[str]) -> None:
     del argv
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0"
                                f" --xla_force_host_platform_device_count={_DEVICES.value}")
     import jax  # after XLA_FLAGS
     import numpy as np

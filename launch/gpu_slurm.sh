@@ -51,10 +51,11 @@ fi
 # waits for srun, so the job lasts until the training has saved its checkpoint and exited.
 trap 'echo "gpu_slurm.sh: SIGTERM: waiting for the training to save and exit." >&2' TERM
 status=0
-srun --kill-on-bad-exit=1 python -m ddpm_jax.train --config="${CONFIG}" --workdir="${WORKDIR}" "$@" \
-  || status=$?
+srun --kill-on-bad-exit=1 \
+  python -m ddpm_jax.train --config="${CONFIG}" --workdir="${WORKDIR}" "$@" || status=$?
 if (( status == DO_NOT_REQUEUE )); then
-  echo "gpu_slurm.sh: non-finite loss (exit status ${status}): not requeueing job ${SLURM_JOB_ID}." >&2
+  echo "gpu_slurm.sh: non-finite loss (exit status ${status}):" \
+    "not requeueing job ${SLURM_JOB_ID}." >&2
 elif should_requeue "${status}"; then
   echo "gpu_slurm.sh: training exited with status ${status}: requeueing job ${SLURM_JOB_ID}" \
     "(restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) of at most ${DDPM_JAX_MAX_REQUEUES:-3})." >&2

@@ -393,7 +393,8 @@ def test_several_steps_per_dispatch_stop_at_exact_steps(tmp_path, monkeypatch):
     """K = 4: logs, checkpoints, grids and evaluations at exactly their multiples of K."""
     evaluated, logged = [], []
     monkeypatch.setattr(training.evaluation, "make_training_evaluator", lambda *a: object())
-    monkeypatch.setattr(training, "_evaluate_and_log", lambda ev, p, step, *a: evaluated.append(step))
+    monkeypatch.setattr(training, "_evaluate_and_log",
+                        lambda ev, params, step, *a: evaluated.append(step))
     monkeypatch.setattr(training.summary.SummaryWriter, "scalars",
                         lambda self, step, scalars: logged.append(step))
     config = tiny_config(num_steps=16, log_every=8, checkpoint_every=12, sample_every=4,
