@@ -10,12 +10,13 @@ The rest is _default.py's (the CIFAR-10 setting). Not a runnable config itself.
 Steps per dispatch: 25. The 114M-parameter state has 1,804 leaves; a dispatch of CIFAR-10's
 1,316 cost the host at most 12.3 ms (best of 30 on a loaded 2-core VM split into 8 devices,
 benchmarks/dispatch_time.py; this state's replicas do not fit that VM's memory 8 times), so
-about 17 ms here, scaled by leaves. A device step at 8 images per device: ~42 ms on 8 H100s if
-they reach the CIFAR-10 goal's FLOP rate (8,000 images/s of 35.4 GFLOP; 1,484 GFLOP per image
-here, from the v5e compile), ~146 ms on a v5e (15 GB of HBM traffic per image at 819 GB/s, a
-bound). 25 steps keep the host under 2% of either (1.6%, 0.5%) and divide every boundary; a
-dispatch's batches take 1.3 GB of host memory (157 MB per device), and a SIGTERM is answered
-after at most 25 steps (1-4 s). On a CPU use --config.train.steps_per_dispatch=1.
+about 17 ms here, scaled by leaves (on 2 devices: 16.9 ms median, 12.2 best). A device step at
+8 images per device: ~42 ms on 8 H100s if they reach the CIFAR-10 goal's FLOP rate (8,000
+images/s of 35.4 GFLOP; 1,484 GFLOP per image here, from the v5e compile), ~146 ms on a v5e
+(15 GB of HBM traffic per image at 819 GB/s, a bound). 25 steps keep the host under 2% of
+either (1.6%, 0.5%) and divide every boundary; a dispatch's batches take 1.3 GB of host memory
+(157 MB per device), and a SIGTERM is answered after at most 25 steps (1-4 s). On a CPU use
+--config.train.steps_per_dispatch=1.
 """
 
 import ml_collections
