@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from ddpm_jax import parallel, training
+from ddpm_jax import keys, parallel, training
 
 import synthetic  # benchmarks/synthetic.py, beside this script
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     k = config.train.steps_per_dispatch
     batch = config.data.batch_size
     size, channels = config.data.image_size, config.data.num_channels
-    rng = jax.random.key(0)
+    rng = keys.stream(0, keys.TRAIN, keys.train_impl(config))
     batches = synthetic.train_batches(config, mesh, rng)
 
     state = init(rng)

@@ -48,18 +48,20 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 _STATE, _META = "state", "meta"
 
-# Config fields that fix the parameters' shapes or their meaning: a workdir trained with one value
+# Config fields that fix the state's shapes or their meaning: a workdir trained with one value
 # cannot continue with another. model.dropout and model.dtype change neither, so they may differ.
+# train.prng_impl fixes the checkpointed key's data (uint32[2] threefry2x32, [4] rbg).
 _COMPATIBILITY_FIELDS = (
     "model",
     "diffusion",
     "data.image_size",
     "data.num_channels",
     "data.class_conditional",
+    "train.prng_impl",
 )
 _FREE_MODEL_FIELDS = ("dropout", "dtype")
 # Fields added later, with the value that runs saved before them had.
-_ADDED_FIELDS = {"model.p_uncond": 0.0}
+_ADDED_FIELDS = {"model.p_uncond": 0.0, "train.prng_impl": "threefry2x32"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 FileNotFoundError, FileExistsError, ImportError, FloatingPointError or CheckpointSaveError (bad
 input, a missing or damaged file, a missing package, a diverged run, a failed save) prints
 ``<program>: error: <message>`` as the last line and exits with status 1, without a traceback;
-``DDPM_JAX_TRACEBACK=1`` shows it.
+``DDPM_JAX_TRACEBACK=1`` shows it. An error whose class sets ``exit_status`` exits with that
+status instead (the trainer's non-finite loss: ``training.NonFiniteLossError.exit_status``, 3,
+"do not requeue").
 Anything else is a bug and keeps its traceback.
 """
 
@@ -37,9 +39,10 @@ def run(main: Callable[[list[str]], None], program: str) -> None:
     it gets the same one-line treatment."""
     started = False
 
-    def fail(message: str) -> None:
+    def fail(message: str, status: int = 1) -> None:
         sys.stderr.flush()
-        sys.exit(f"{program}: error: {message}")
+        print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(status)
 
     def guarded(argv: list[str]) -> None:
         nonlocal started
@@ -49,7 +52,7 @@ def run(main: Callable[[list[str]], None], program: str) -> None:
         except USER_ERRORS as e:
             if os.environ.get("DDPM_JAX_TRACEBACK"):
                 raise
-            fail(str(e))
+            fail(str(e), getattr(e, "exit_status", 1))
 
     try:
         app.run(guarded)

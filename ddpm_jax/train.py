@@ -8,6 +8,11 @@ offline default, mnist5k, into runs/mnist5k. Every config field can be overridde
 the workdir; SIGTERM/Ctrl-C save a checkpoint and exit.
 Launched as several processes (TPU pod slice, SLURM, mpirun, or JAX_COORDINATOR_ADDRESS set),
 or with ``--distributed``, it calls ``jax.distributed.initialize()`` first.
+
+Exit status: 0 when the run is done, or stopped by a signal with its checkpoint saved (rerun to
+resume); 3 when the loss became non-finite: do not requeue (a rerun resumes from the last good
+checkpoint, which is intact, and diverges again at the same step; change the config first, e.g.
+a lower config.optim.lr); 1 for any other error (bad input, a failed save, a bug).
 """
 
 from __future__ import annotations

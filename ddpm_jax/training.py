@@ -68,7 +68,8 @@ class TrainState:
     params: PyTree  # float32
     ema_params: PyTree  # float32, decay config.train.ema_decay
     opt_state: optax.OptState
-    rng: jax.Array  # uint32[2], the data of the run's key: step s uses fold_in(key, s)
+    rng: jax.Array  # uint32[2] (threefry2x32) or [4] (rbg), the run's key data: step s uses
+    # fold_in(key, s); its implementation is config.train.prng_impl (keys.train_impl)
 
 
 def learning_rate_schedule(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -103,10 +104,15 @@ def create_train_state(
     tx: optax.GradientTransformation,
     rng: jax.Array,
 ) -> TrainState:
-    """Fresh params (EMA = params), optimizer state, step 0, from a key (typed, e.g.
-    ``keys.stream(seed, keys.TRAIN)``, or raw uint32[2] data). Pure and jittable."""
+    """Fresh params (EMA = params), optimizer state, step 0, from a key of the config's PRNG
+    implementation (typed, e.g. ``keys.stream(seed, keys.TRAIN, keys.train_impl(config))``, or
+    its raw data). Pure and jittable."""
+    impl = keys.train_impl(config)
     if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        rng = jax.random.wrap_key_data(rng)
+        rng = jax.random.wrap_key_data(rng, impl=impl)
+    elif str(jax.random.key_impl(rng)) != impl:
+        raise ValueError(f"A {jax.random.key_impl(rng)} key for a run whose "
+                         f"config.train.prng_impl is {impl!r}.")
     init_rng, train_rng = jax.random.split(rng)
     size, channels = config.data.image_size, config.data.num_channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
@@ -255,10 +261,11 @@ def make_train_step(
     mean_type = config.diffusion.mean_type
     p_uncond = config.model.get("p_uncond", 0.0)
     null_label = config.model.get("num_classes")
+    impl = keys.train_impl(config)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
         x0, y = batch["image"], batch.get("label")
-        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=impl), state.step)
         t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
         if p_uncond > 0 and y is not None:  # its own stream: t, ε and dropout stay as without
             y = drop_labels(jax.random.fold_in(step_rng, 3), y, p_uncond, null_label)
@@ -380,8 +387,21 @@ def make_multi_step(
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging, signals, layout.
+# Logging, signals, faults, layout.
 # ----------------------------------------------------------------------------------------------
+class NonFiniteLossError(FloatingPointError):
+    """A non-finite loss or params: the run stops with its last good checkpoint intact.
+
+    Rerunning the same command would resume from that checkpoint and diverge again at the same
+    step (a run is a pure function of config and step), so ``python -m ddpm_jax.train`` exits
+    with ``exit_status`` (3), which launchers read as "do not requeue" (launch/gpu_slurm.sh).
+    3 is neither Python's or absl's error status (1) nor a usage error (2), a shell's (126, 127)
+    or a signal's (128 + n).
+    """
+
+    exit_status = 3
+
+
 class _StopRequest:
     """A request to save a checkpoint and stop (SIGTERM: preemption; Ctrl-C), checked every step.
 
@@ -468,6 +488,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.train.{name}={train[name]} must be >= 1.")
     if not 0.0 <= train.ema_decay < 1.0:
         raise ValueError(f"config.train.ema_decay={train.ema_decay} must be in [0, 1).")
+    keys.train_impl(config)
     k = train.steps_per_dispatch
     eval_every = config.get("eval", {}).get("every_steps") or 0
     boundaries = {"train.num_steps": train.num_steps, "train.log_every": train.log_every,
@@ -592,8 +613,9 @@ def train_and_evaluate(
     """Trains (or resumes) the run in ``workdir`` to ``config.train.num_steps``; returns the state.
 
     Writes workdir/config.json and mesh.json, TensorBoard events, samples/<step>.png grids of EMA
-    samples, and checkpoints. Stops with FloatingPointError on a non-finite loss (no checkpoint
-    of non-finite params is ever written); SIGTERM/SIGINT save a checkpoint and return.
+    samples, and checkpoints. Stops with NonFiniteLossError (a FloatingPointError) on a non-finite
+    loss, once the last good checkpoint is on disk (no checkpoint of non-finite params is ever
+    written); SIGTERM/SIGINT save a checkpoint and return.
     """
     workdir = checkpointing.as_path(workdir)
     train_config = config.train
@@ -615,7 +637,7 @@ def train_and_evaluate(
     )
     evaluate = evaluation.make_training_evaluator(config, model, mesh)  # checks config.eval
     grid_key = keys.stream(config.seed, keys.GRID)  # the same noise at every grid
-    rng = keys.stream(config.seed, keys.TRAIN)
+    rng = keys.stream(config.seed, keys.TRAIN, keys.train_impl(config))
     abstract_state = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
         jax.eval_shape(init, rng),
@@ -653,7 +675,7 @@ def train_and_evaluate(
                 return
             ckpt.wait()
             where = f"at step {bad}" if bad != _NO_BAD_STEP else f"by step {step}"
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"Non-finite loss or params {where}: training stopped. The last good checkpoint "
                 f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact; lower "
                 "config.optim.lr or config.optim.grad_clip and resume from it."

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 from absl import flags
 
-from ddpm_jax import configs, diffusion, sampling, train
+from ddpm_jax import configs, diffusion, keys, sampling, train
 from ddpm_jax.models import unet_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ SCHEMA = {
     "diffusion": {"schedule", "num_timesteps", "beta_start", "beta_end", "mean_type", "var_type"},
     "optim": {"lr", "warmup_steps", "grad_clip", "clip_groups", "b1", "b2", "eps"},
     "train": {"num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_period",
-              "sample_every", "ema_decay", "steps_per_dispatch"},
+              "sample_every", "ema_decay", "steps_per_dispatch", "prng_impl"},
     "sample": {"sampler", "num_steps", "eta", "clip_denoised", "num_images", "guidance",
                "guidance_interval"},
     "eval": {"every_steps", "metrics", "num_samples", "batch_size", "sampler", "num_steps", "eta",
@@ -90,6 +90,10 @@ def test_config_follows_the_schema_and_is_consistent(name):
     assert 0 < train_config.log_every <= train_config.num_steps
     assert 0 < train_config.checkpoint_every <= train_config.num_steps
     assert 0.0 <= train_config.ema_decay < 1.0
+    boundaries = (train_config.num_steps, train_config.log_every, train_config.checkpoint_every,
+                  train_config.sample_every or 0, config.eval.every_steps or 0)
+    assert all(b % train_config.steps_per_dispatch == 0 for b in boundaries)  # one compile
+    assert train_config.prng_impl in keys.IMPLS
     assert _num_params(config) > 0  # the UNet is valid at this image size
 
 

@@ -168,7 +168,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(num_steps=4, log_every=10, checkpoint_every=1, sample_every=0)
     config.optim.lr = 1e30
     config.optim.warmup_steps = 2
-    with pytest.raises(FloatingPointError, match=r"Non-finite loss .*at step 3"):
+    with pytest.raises(training.NonFiniteLossError, match=r"Non-finite loss .*at step 3"):
         training.train_and_evaluate(config, tmp_path)
     ckpt_dir = tmp_path / "checkpoints"
     assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [1, 2]
@@ -290,6 +290,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subprocess_env):
 
 
 @pytest.mark.slow
+def test_non_finite_loss_exits_with_the_do_not_requeue_status(tmp_path, subprocess_env):
+    """The command's exit status 3 (launchers: do not requeue), one line, checkpoint 2 resumable.
+    lr 0 at step 1 (warm-up), then 5e29: the params of step 2 overflow the forward of step 3."""
+    result = subprocess.run(
+        _train_command(tmp_path, "--config.train.num_steps=4", "--config.train.log_every=4",
+                       "--config.train.checkpoint_every=1", "--config.train.sample_every=0",
+                       "--config.optim.lr=1e30", "--config.optim.warmup_steps=2"),
+        env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == training.NonFiniteLossError.exit_status == 3, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ddpm_jax.train: error: Non-finite loss or params at step 3"), last
+    assert "Traceback" not in result.stderr
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2]
+    state = _final_state(tmp_path, 2)
+    assert int(state.step) == 2
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.slow
 def test_default_command_runs_from_any_directory(tmp_path, subprocess_env):
     """`python -m ddpm_jax.train` with no --config/--workdir (a few steps, a small grid), its
     offline dataset built into the ``data_dir`` given on the command line."""
@@ -339,6 +359,8 @@ def test_a_stop_between_log_steps_saves_that_step(tmp_path, monkeypatch):
     (dict(optim=dict(clip_groups=3)), "clip_groups=3 must be >= 1 and divide"),
     (dict(data=dict(batch_size=24), optim=dict(clip_groups=12)),
      "clip_groups=12 must be 1, a multiple or a divisor of the device count (8)"),
+    (dict(train=dict(prng_impl="philox")),
+     "config.train.prng_impl='philox' is not one of threefry2x32, rbg, unsafe_rbg."),
     (dict(sample=dict(guidance=1.0, guidance_interval=(500, 1000))),
      "config.sample: guidance_interval=(500, 1000)"),
 ])
@@ -367,6 +389,43 @@ def test_several_steps_per_dispatch_compile_the_step_once(tmp_path):
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     assert len(compiled) == 1, compiled
+
+
+def test_several_steps_per_dispatch_stop_at_exact_steps(tmp_path, monkeypatch):
+    """K = 4: logs, checkpoints, grids and evaluations at exactly their multiples of K."""
+    evaluated, logged = [], []
+    monkeypatch.setattr(training.evaluation, "make_training_evaluator", lambda *a: object())
+    monkeypatch.setattr(training, "_evaluate_and_log",
+                        lambda ev, params, step, *a: evaluated.append(step))
+    monkeypatch.setattr(training.summary.SummaryWriter, "scalars",
+                        lambda self, step, scalars: logged.append(step))
+    config = tiny_config(num_steps=16, log_every=8, checkpoint_every=12, sample_every=4,
+                         steps_per_dispatch=4, keep_checkpoints=None)
+    config.eval.every_steps = 8
+    assert int(training.train_and_evaluate(config, tmp_path).step) == 16
+    assert logged == [8, 16]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [12, 16]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        f"{s:08d}.png" for s in (4, 8, 12, 16)]
+    assert evaluated == [8, 16]
+
+
+def test_a_sigterm_during_a_dispatch_saves_at_its_end_step(tmp_path, monkeypatch):
+    """The signal arrives while the second dispatch (steps 5..8) is under way: checkpoint 8."""
+    calls, global_batches = [], training._global_batches
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        batches = global_batches(*args, **kwargs)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batches
+
+    monkeypatch.setattr(training, "_global_batches", signalling)
+    config = tiny_config(num_steps=16, log_every=16, checkpoint_every=16, sample_every=0,
+                         steps_per_dispatch=4)
+    assert int(training.train_and_evaluate(config, tmp_path).step) == 8
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["8"]
 
 
 def test_group_clipping_is_the_per_group_computation():

@@ -71,6 +71,15 @@ def get_config() -> ml_collections.ConfigDict:
     train.sample_every = 50_000
     train.ema_decay = 0.9999
     train.steps_per_dispatch = 1
+    # The PRNG implementation of the run's key (jax.random.key_impl names). "threefry2x32" (runs
+    # from before this field used it): the same bits on every backend and device count, each
+    # device drawing only its own shard's. "rbg" / "unsafe_rbg" (XLA's RngBitGenerator): cheaper
+    # per bit (a CIFAR-10 step's 140M words of t, ε and dropout: 10.0 s against threefry's 13.6 s
+    # on a loaded 2-core CPU, benchmarks/prng_draws.py), but not split over a sharded batch: each
+    # device draws the whole global batch's bits (8x the work on 8 devices, on XLA:CPU and in a
+    # TPU v5e compile alike), and the bits depend on the backend and XLA version. Recorded in the
+    # workdir: a run cannot resume with another.
+    train.prng_impl = "threefry2x32"
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.sampler = "ddpm"
