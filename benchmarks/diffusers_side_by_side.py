@@ -448,22 +448,19 @@ def main(argv: list[str]) -> None:
     def fallible(v: Variant) -> bool:  # bf16 and torch.compile may not run everywhere
         return v.framework == "diffusers" and (v.mode == "compile" or v.dtype == "bfloat16")
 
-    for name, index in (("train", 1), ("sample", 2)):
+    tasks_units = (("train", 1, "images/s"), ("sample", 2, "images x steps/s"))
+    for name, index, unit in tasks_units:
         tasks = [Task(e[0], e[index]) for e in entries]
         images = (lambda v: v.train_images) if name == "train" else (lambda v: v.sample_images)
         _measure(tasks, name, images, _CALLS.value, _REPEATS.value, _WARMUP.value, fallible)
         for task in tasks:
             task.call = None  # frees compiled graphs before the next task
+        print("\n" + "\n".join(_table(variants, name, unit)) + "\n", flush=True)  # as it ends
     load_after = os.getloadavg()
     print(f"load:       {load_before[0]:.2f} before, {load_after[0]:.2f} after (1-min average; "
           "other processes on a shared host slow every variant alike only approximately)")
-    print()
-    print("\n".join(_table(variants, "train", "images/s")))
-    print()
-    print("\n".join(_table(variants, "sample", "images x steps/s")))
-    print()
-    print(_ratio(variants, "train"))
-    print(_ratio(variants, "sample"))
+    for name, _, _ in tasks_units:
+        print(_ratio(variants, name))
     sys.stdout.flush()
 
 
