@@ -92,6 +92,10 @@ def main(argv: list[str]) -> None:
     name = _config_name()
     print(program_costs.format_header(meta, name), flush=True)
 
+    if "sample_guided" in _PROGRAMS.value and not config.model.get("p_uncond"):
+        print("\n[sample_guided] skipped: the config has no classifier-free guidance "
+              "(model.p_uncond = 0)", flush=True)
+
     def show(result: dict) -> None:
         print("\n" + program_costs.format_program(result), flush=True)
 

@@ -112,6 +112,8 @@ _CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false
                      r"=%?([\w.\-]+)")
 _CALLED_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _WHILE_BODY = re.compile(r"\bbody=%?([\w.\-]+)")
+_WHILE_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_INT_CONSTANT = re.compile(r"^s32\[\]\S*$")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
@@ -147,7 +149,9 @@ class _Computation:
     bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     network_ops: int = 0
     calls: set[str] = dataclasses.field(default_factory=set)
-    loops: list[tuple[str, int | None]] = dataclasses.field(default_factory=list)
+    loops: list[tuple[str, str | None, int | None]] = dataclasses.field(default_factory=list)
+    int_constants: list[int] = dataclasses.field(default_factory=list)
+    less_than: bool = False
 
 
 def _parse_hlo(hlo_text: str) -> tuple[dict[str, _Computation], str | None]:
@@ -173,8 +177,12 @@ def _parse_hlo(hlo_text: str) -> tuple[dict[str, _Computation], str | None]:
         for group in _CALLED_LISTS.findall(rest):
             current.calls.update(c.strip().lstrip("%") for c in group.split(",") if c.strip())
         if op == "while":
-            trip = _TRIP_COUNT.search(rest)
-            current.loops.append((_WHILE_BODY.search(rest)[1], int(trip[1]) if trip else None))
+            trip, condition = _TRIP_COUNT.search(rest), _WHILE_CONDITION.search(rest)
+            current.loops.append((_WHILE_BODY.search(rest)[1], condition and condition[1],
+                                  int(trip[1]) if trip else None))
+        if op == "constant" and _INT_CONSTANT.match(match["shape"]):
+            current.int_constants.append(int(rest.split(")")[0]))
+        current.less_than |= op == "compare" and "direction=LT" in rest
         if op in _NETWORK_OPS or (op == "custom-call" and _NETWORK_CALL_TARGETS.search(rest)):
             current.network_ops += 1
         kind, carries_shape = _collective(op)
@@ -203,6 +211,15 @@ def _sum_collectives(computations: dict[str, _Computation], names: set[str]) -> 
     return {"counts": counts, "bytes": moved}
 
 
+def _trip_from_condition(computations: dict[str, _Computation], name: str | None) -> int | None:
+    """A loop's trip count when XLA states none (XLA:TPU): a scan's condition is ``i < N`` with
+    i counting from 0 by 1, N its one integer constant."""
+    condition = computations.get(name) if name else None
+    if condition is None or not condition.less_than or len(condition.int_constants) != 1:
+        return None
+    return condition.int_constants[0]
+
+
 def collectives(hlo_text: str) -> dict[str, Any]:
     """The collectives of a compiled (optimised) HLO module's text, per device:
 
@@ -217,7 +234,8 @@ def collectives(hlo_text: str) -> dict[str, Any]:
     computations, entry = _parse_hlo(hlo_text)
     program = _reachable(computations, entry) if entry else set(computations)
     out = _sum_collectives(computations, program)
-    loops = [(body, trip) for name in program for body, trip in computations[name].loops]
+    loops = [(body, trip if trip is not None else _trip_from_condition(computations, condition))
+             for name in program for body, condition, trip in computations[name].loops]
     inner = {c for body, _ in loops for c in _reachable(computations, body) if c != body}
     found = []
     for body, trip in loops:
