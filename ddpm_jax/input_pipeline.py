@@ -47,15 +47,6 @@ _TOO_SMALL = "image smaller than image_size"
 _PREFETCH_BATCHES = 4
 
 
-def check_batch_size(batch_size: int, device_count: int) -> None:
-    """Raises ValueError unless the global batch splits evenly over `device_count` devices."""
-    if batch_size <= 0 or batch_size % device_count:
-        raise ValueError(
-            f"config.data.batch_size={batch_size} must be a positive multiple of the number of "
-            f"devices ({device_count}): every device gets the same share of the global batch."
-        )
-
-
 def _network_available(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
     """Whether TFDS can reach the internet (behind a proxy, assume it can)."""
     proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")

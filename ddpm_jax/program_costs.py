@@ -408,12 +408,13 @@ def data_mesh(devices: Sequence[jax.Device]) -> Mesh:
 
 def train_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     """``python -m ddpm_jax.train``'s dispatch: ``multi_step`` on K global batches."""
-    from ddpm_jax import input_pipeline, keys, training
+    from ddpm_jax import keys, parallel, training
 
-    input_pipeline.check_batch_size(config.data.batch_size, mesh.size)
+    parallel.check_batch_size(config.data.batch_size, mesh.size)
     _, _, init, multi_step = training.make_jitted_training(config, mesh)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
-    state = _abstract(jax.eval_shape(init, keys.stream(config.seed, keys.TRAIN)), replicated)
+    rng = keys.stream(config.seed, keys.TRAIN, keys.train_impl(config))
+    state = _abstract(jax.eval_shape(init, rng), replicated)
     acc = _abstract(jax.eval_shape(training.zero_metrics), replicated)
     k, batch = config.train.steps_per_dispatch, config.data.batch_size
     size, channels = config.data.image_size, config.data.num_channels

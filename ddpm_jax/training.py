@@ -43,7 +43,6 @@ from ddpm_jax import (
     evaluation,
     generation,
     images,
-    input_pipeline,
     keys,
     parallel,
     sampling,
@@ -140,8 +139,8 @@ def check_clip_groups(groups: int, batch_size: int, device_count: int) -> None:
             f"{batch_size} (each group's gradient is clipped, then they are averaged)."
         )
     if groups > 1 and groups % device_count and device_count % groups:
-        choices = sorted({g for g in range(1, batch_size + 1)
-                          if batch_size % g == 0 and (g % device_count == 0 or device_count % g == 0)})
+        choices = sorted(g for g in range(1, batch_size + 1) if batch_size % g == 0
+                         and (g % device_count == 0 or device_count % g == 0))
         raise ValueError(
             f"config.optim.clip_groups={groups} must be 1, a multiple or a divisor of the device "
             f"count ({device_count}): each device clips its own groups' gradients, or a group "
@@ -477,7 +476,7 @@ def _format_duration(seconds: float) -> str:
 
 def _validate(config: ml_collections.ConfigDict) -> None:
     train = config.train
-    input_pipeline.check_batch_size(config.data.batch_size, jax.device_count())
+    parallel.check_batch_size(config.data.batch_size, jax.device_count())
     if train.num_steps < 0 or train.steps_per_dispatch < 1:
         raise ValueError(
             f"config.train.num_steps={train.num_steps} must be >= 0 and "
@@ -684,6 +683,8 @@ def train_and_evaluate(
         def save_checkpoint() -> None:
             check_finite(jax.device_get(acc))
             ckpt.save(step, state, force=True)
+
+        from ddpm_jax import input_pipeline  # TensorFlow: only for a run that reads data
 
         data = input_pipeline.create_dataset(config.data, seed=config.seed, start_step=step)
         acc = new_metrics()

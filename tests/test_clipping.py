@@ -73,8 +73,8 @@ def test_per_device_clipping_is_the_group_by_group_computation(devices, groups):
                                        group_grads, part_grads)
             all_losses.append(np.asarray(part_losses))
         norm = np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(group_grads)))
-        expected = jax.tree.map(lambda e, x: e + x * min(1.0, clip / norm) / groups,
-                                expected, group_grads)
+        scale = min(1.0, clip / norm) / groups
+        expected = jax.tree.map(lambda e, x, scale=scale: e + x * scale, expected, group_grads)
         norms.append(norm)
     assert max(norms) > clip  # the clipping is exercised
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):

@@ -58,7 +58,7 @@ def test_values_and_gradients_match_float64_reference(dtype, rtol, swish):
         jnp.asarray(bias, jnp.float32), jnp.asarray(cotangent, dtype))
     assert got[0].dtype == dtype and got[1].dtype == dtype  # output and dx in x's dtype
     assert got[2].dtype == got[3].dtype == jnp.float32  # d scale, d bias in the params' dtype
-    for name, g, e in zip(("out", "dx", "dscale", "dbias"), got, expected):
+    for name, g, e in zip(("out", "dx", "dscale", "dbias"), got, expected, strict=True):
         g = np.asarray(g, np.float64)
         err = np.linalg.norm(g - e) / np.linalg.norm(e)
         assert err < rtol, (name, err)
@@ -78,7 +78,7 @@ def test_matches_flax_group_norm_values_and_gradients():
 
     (out, grads), (flax_out, flax_grads) = run(ours), run(theirs)
     np.testing.assert_allclose(out, flax_out, rtol=0, atol=2e-6)
-    for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(flax_grads)):
+    for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(flax_grads), strict=True):
         np.testing.assert_allclose(g, f, rtol=1e-4, atol=1e-4)
 
 

@@ -315,7 +315,8 @@ def test_remat_keeps_parameters_outputs_and_gradients(tiny):
 
     expected = loss_and_grads("none")
     for remat in ("blocks", "blocks_dots"):
-        for got, want in zip(jax.tree.leaves(loss_and_grads(remat)), jax.tree.leaves(expected)):
+        got_leaves = jax.tree.leaves(loss_and_grads(remat))
+        for got, want in zip(got_leaves, jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     cfg = ml_collections.ConfigDict(dict(ch=32, ch_mult=[1], num_res_blocks=1, attn_resolutions=[],
                                          dropout=0.0, remat="everything"))
