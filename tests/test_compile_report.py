@@ -68,10 +68,6 @@ def test_the_sampler_chain_is_counted_per_network_call(tiny_report):
     assert guided["images_per_device"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 21: guided sampling concatenates [x_t; x_t] along the sharded batch axis, which puts "
-    "all-to-all and collective-permute ops in the sampling loop's body; the lead removes this "
-    "mark when the guided-sampling fix is merged"))
 def test_the_guided_sampler_loop_body_has_no_collectives(tiny_report):
     loop = program_costs.main_loop_collectives(tiny_report["sample_guided"])
     assert not any(loop["counts"].values()), loop["counts"]
