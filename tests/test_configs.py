@@ -26,7 +26,7 @@ SCHEMA = {
     "data": {"dataset", "split", "data_dir", "image_size", "num_channels", "random_flip",
              "batch_size", "shuffle_buffer", "class_conditional"},
     "model": {"ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-              "resamp_with_conv", "num_classes", "p_uncond", "dtype"},
+              "resamp_with_conv", "num_classes", "p_uncond", "dtype", "remat"},
     "diffusion": {"schedule", "num_timesteps", "beta_start", "beta_end", "mean_type", "var_type"},
     "optim": {"lr", "warmup_steps", "grad_clip", "clip_groups", "b1", "b2", "eps"},
     "train": {"num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_period",
