@@ -187,6 +187,8 @@ def _group_clipped_grads(
     members = max(1, devices // groups)  # devices per group
     local_groups = max(1, groups // devices)  # groups per device
     axes = ("group", "member")
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    on_cpu = platform == "cpu"
 
     def clip_local_groups(params: PyTree, batch: tuple[jax.Array | None, ...], keys: jax.Array):
         """This device's groups (keys [local_groups]): (sum of their clipped gradients, sum of
@@ -204,9 +206,10 @@ def _group_clipped_grads(
             return jax.tree.map(jnp.add, total, clipped), (losses, norm)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        # A loop (not unrolled: one copy of the backward pass to compile), no loop for one group.
+        # A loop (one copy of the backward pass to compile), unrolled for one group and on
+        # XLA:CPU, which ran the loop about 10x slower (benchmarks/RESULTS.md).
         total, (losses, norms) = jax.lax.scan(
-            clip_group, zeros, (*split, keys), unroll=local_groups == 1
+            clip_group, zeros, (*split, keys), unroll=True if on_cpu or local_groups == 1 else 1
         )
         return total, jnp.sum(norms), losses.reshape(-1)
 
