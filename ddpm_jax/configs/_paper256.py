@@ -7,6 +7,11 @@ at this size, Appendix B) with 5000 warm-up steps, grad-norm clip 1.0, batch 64,
 Samples use σ_t² = β̃_t ("fixedsmall"), as the original 256x256 code (diffusion_utils.py) does.
 The rest is _default.py's (the CIFAR-10 setting). Not a runnable config itself.
 
+Memory: compiled for 8 TPU v5e chips at batch 64 (float32, clip_groups 8, before the per-device
+clipping and GroupNorm changes; measured for issue 21): 1.70 GiB of arguments and 7.95 GiB of
+temporaries per 16 GiB chip, 1,484 GFLOP and 15 GB of HBM traffic per image. Not yet compiled
+with today's code: `benchmarks/compile_matrix.sh blocks` does it.
+
 Steps per dispatch: 25. The 114M-parameter state has 1,804 leaves; a dispatch of CIFAR-10's
 1,316 cost the host at most 12.3 ms (best of 30 on a loaded 2-core VM split into 8 devices,
 benchmarks/dispatch_time.py; this state's replicas do not fit that VM's memory 8 times), so
