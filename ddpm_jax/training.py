@@ -480,6 +480,7 @@ def _format_duration(seconds: float) -> str:
 def _validate(config: ml_collections.ConfigDict) -> None:
     train = config.train
     parallel.check_batch_size(config.data.batch_size, jax.device_count())
+    unet_from_config(config.model, config.data.num_channels)  # the model's own checks (remat, ...)
     if train.num_steps < 0 or train.steps_per_dispatch < 1:
         raise ValueError(
             f"config.train.num_steps={train.num_steps} must be >= 0 and "
