@@ -58,7 +58,7 @@ def run_chain(sched, tables, model_fn, x, *, mean_type="eps", clip_denoised=Fals
     (3, 2, [1, 2, 1]),
     (5, 3, [1, 2, 3, 2, 1]),
     (6, 3, [1, 2, 3, 3, 2, 1]),
-    (14, 2, [1] + [2] * 12 + [1]),
+    (14, 3, [1, 2] + [3] * 10 + [2, 1]),
     (15, 3, [1, 2] + [3] * 12 + [1]),  # from 15 steps on only the last step is lowered
     (16, 2, [1] + [2] * 14 + [1]),
 ])
@@ -337,8 +337,9 @@ diffusers_warning = pytest.mark.filterwarnings("ignore:__array__ implementation:
 @pytest.mark.parametrize("order, sde", SOLVERS)
 @pytest.mark.parametrize("spacing", dpm_solver.SPACINGS)
 def test_parity_with_diffusers(torch_diffusers, sched, order, sde, spacing):
-    """Every order, ODE and SDE, both spacings; 6 steps (lower-order final steps) and 20."""
-    for num_steps in (6, 20):
+    """Every order, ODE and SDE, both spacings; 6 and 14 steps (lower-order final steps) and 20
+    (only the last step lowered)."""
+    for num_steps in (6, 14, 20):
         assert_parity(torch_diffusers, sched, num_steps=num_steps, order=order, sde=sde,
                       spacing=spacing, mean_type="eps")
 
