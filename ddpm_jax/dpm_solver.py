@@ -3,7 +3,7 @@ Diffusion Probabilistic Models") and its SDE variant, on the model's discrete-ti
 
 With α_t = sqrt(ᾱ_t), σ_t = sqrt(1 - ᾱ_t) and λ_t = log α_t - log σ_t (half the log-SNR), the
 diffusion ODE written with the data prediction x_θ(x_t, t) = x̂_0 has the exact solution
-(Lu et al. 2022b, Sec. 4.1)
+(Lu et al. 2022b, Sec. 4; the counterpart of Lu et al. 2022a's eq. 3.4 for ε)
 
     x_t = (σ_t/σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^λ x_θ(x_λ, λ) dλ.
 
@@ -106,14 +106,18 @@ def check_solver_args(
     # The time spacing rounds N+1 evenly spaced points of [0, T-1]: distinct up to N = T-1.
     most = num_timesteps - 1 if spacing == "time" else num_timesteps
     least = min_steps(order)
-    if (
-        not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool)
-        or not least <= num_steps <= most
-    ):
+    integer = isinstance(num_steps, (int, np.integer)) and not isinstance(num_steps, bool)
+    if not integer or not least <= num_steps <= most:
+        why = ""
+        if integer:
+            why = (
+                f" (order {order} needs at least {least} steps to take one step of that order)"
+                if num_steps < least
+                else f" (at most {most} distinct timesteps with {spacing} spacing)"
+            )
         raise ValueError(
-            f"num_steps={num_steps!r} is invalid for {name} of order {order} with {spacing} "
-            f"spacing on a {num_timesteps}-step schedule: give an integer in [{least}, {most}] "
-            f"(order {order} needs at least {least} steps to take one step of that order)."
+            f"num_steps={num_steps!r} is invalid for {name} of order {order} on a "
+            f"{num_timesteps}-step schedule: give an integer in [{least}, {most}]{why}."
         )
 
 
