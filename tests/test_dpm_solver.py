@@ -353,6 +353,29 @@ def test_parity_with_diffusers(torch_diffusers, sched, order, sde, spacing):
 
 @pytest.mark.parity
 @diffusers_warning
+@pytest.mark.parametrize("spacing", dpm_solver.SPACINGS)
+def test_timesteps_match_diffusers(torch_diffusers, sched, spacing):
+    """Every step count the log-SNR spacing allows on this schedule (1-38), and a range of time
+    spacings up to T-1. One near-tie differs: with 26 log-SNR steps, step 13 lies at t = 264.49993
+    (float64), which diffusers' float32 log σ table rounds up to 265."""
+    _, scheduler_class = torch_diffusers
+    theirs = scheduler_class(num_train_timesteps=T, trained_betas=np.asarray(sched.betas),
+                             final_sigmas_type="zero", use_lu_lambdas=spacing == "logsnr")
+    counts = range(1, 39) if spacing == "logsnr" else [*range(1, 40), 64, 100, 333, 500, T - 1]
+    for num_steps in counts:
+        theirs.set_timesteps(num_steps)
+        expected = theirs.timesteps.numpy()
+        if spacing == "logsnr" and num_steps == 26:
+            assert expected[13] == 265
+            expected[13] = 264
+        np.testing.assert_array_equal(
+            dpm_solver.make_tables(sched, num_steps, order=1, spacing=spacing).timesteps,
+            expected, err_msg=f"{num_steps} steps",
+        )
+
+
+@pytest.mark.parity
+@diffusers_warning
 @pytest.mark.parametrize("mean_type", ["x0", "v"])
 @pytest.mark.parametrize("order, sde", [(3, False), (2, True)])
 def test_parity_with_diffusers_parameterisations(torch_diffusers, sched, mean_type, order, sde):
