@@ -226,6 +226,11 @@ def make_tables(
         sched.num_timesteps, num_steps=num_steps, order=order, spacing=spacing, sde=sde
     )
     alphas_cumprod = np.cumprod(1.0 - np.asarray(sched.betas, dtype=np.float64))
+    if spacing == "logsnr" and alphas_cumprod[-1] == 0:
+        raise ValueError(
+            "The logsnr spacing needs a finite log-SNR at t = T-1, but this schedule ends at "
+            "ᾱ = 0 (β_T = 1, e.g. 'jsd'); use the time spacing."
+        )
     timesteps = solver_timesteps(alphas_cumprod, num_steps, spacing)
     if _repeats(timesteps):
         most = next(n for n in range(1, num_steps) if _repeats(

@@ -109,6 +109,8 @@ def test_errors(sched):
                                          "use at most 38 steps"):
         make(50, spacing="logsnr")
     make(38, spacing="logsnr")
+    with pytest.raises(ValueError, match="logsnr spacing needs a finite log-SNR at t = T-1"):
+        dpm_solver.make_tables(diffusion.make_schedule("jsd", T), 10, spacing="logsnr")
     make(T - 1, order=3)
     with pytest.raises(ValueError, match="concrete schedule"):
         jax.jit(lambda s: dpm_solver.make_tables(s, 10).coef_x)(sched)
