@@ -31,13 +31,14 @@ def toy_model(x, t, mean_type="eps"):
     return out.astype(np.float32)
 
 
-def run_chain(sched, tables, model_fn, x, *, mean_type="eps", clip_denoised=False, noises=None):
+def run_chain(sched, tables, model_fn, x, *, mean_type="eps", clip_denoised=False, noises=None,
+              step=None):
     """The reference loop: x̂_0 from the model output on the schedule respaced to the chain's
-    timesteps (chain index N-1-j), then the step, eagerly (the parity and scan tests trace it).
-    Returns every x [N+1]."""
+    timesteps (chain index N-1-j), then ``step(j, x, x̂_0, history, noise)`` (default: the
+    library's, eagerly). Returns every x [N+1]."""
     n = len(tables.timesteps)
     respaced = sampling.respace(sched, tables.timesteps[::-1])
-    step = functools.partial(dpm_solver.step, tables)
+    step = step or functools.partial(dpm_solver.step, tables)
     history, xs = dpm_solver.init_history(tables, x), [x]
     for j in range(n):
         t = jnp.full((x.shape[0],), tables.timesteps[j], jnp.int32)
@@ -150,11 +151,7 @@ def test_scan_equals_the_loop_and_compiles_once(sched, order, sde):
 
     traces = []
     step = jax.jit(lambda *a: traces.append(1) or dpm_solver.step(tables, *a))
-    history, x = dpm_solver.init_history(tables, x_T), x_T
-    for j in range(n):
-        t = jnp.full((shape[0],), tables.timesteps[j])
-        pred_x0 = diffusion.predict_x0(respaced, model_fn(x, t), x, jnp.full_like(t, n - 1 - j))
-        x, history = step(j, x, pred_x0, history, noises[j])
+    x = run_chain(sched, tables, model_fn, x_T, noises=noises, step=step)[-1]
     assert len(traces) == 1
     np.testing.assert_allclose(scan_chain(x_T), x, rtol=1e-5)
 
