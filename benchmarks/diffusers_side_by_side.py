@@ -57,7 +57,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import configs, generation, parallel, training  # noqa: E402
+from ddpm_jax import configs, generation, parallel, sampler_spec, training  # noqa: E402
 from ddpm_jax.models import unet_from_config  # noqa: E402
 
 import diffusers_equivalent  # noqa: E402  (beside this script)
@@ -148,9 +148,9 @@ def _jax_tasks(config: ml_collections.ConfigDict, dtypes: list[str], sample_batc
         def build_sample(model=model, init=init, cfg=cfg) -> Callable[[], None]:
             if "state" not in shared:
                 shared["state"] = init(rng)
-            generate = generation.make_generate_fn(
-                model, cfg, mesh, batch_size=sample_batch, sampler="ddpm",
-                num_steps=sample_steps, eta=0.0)
+            spec = sampler_spec.from_config(
+                cfg, dict(sampler="ddpm", num_steps=sample_steps, guidance=0.0))
+            generate = generation.make_generate_fn(model, cfg, mesh, spec, batch_size=sample_batch)
             chunk = np.int32(0)
             compiled = generate.lower(shared["state"].ema_params, rng, chunk).compile()
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import cache, cli, generation, parallel
+from ddpm_jax import cache, cli, generation, parallel, sampler_spec
 from ddpm_jax.metrics import digits
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir of a digits model.")
@@ -46,27 +46,27 @@ def main(argv: list[str]) -> None:
     cache.enable_compilation_cache()
     params, config, step = generation.load_checkpoint(_WORKDIR.value)
     settings = [parse_setting(s) for s in _SETTINGS.value.split(";")]
-    resolved = [generation.guidance_setting(config, w, interval or generation.ALL_STEPS)
-                for w, interval in settings]  # every bad setting fails before any sampling
-    sampler, num_steps, eta = generation.sampler_settings(config)
-    steps = num_steps or config.diffusion.num_timesteps
+    specs = [sampler_spec.from_config(config, dict(
+        guidance=w, guidance_interval=interval or sampler_spec.ALL_STEPS))
+        for w, interval in settings]  # every bad setting fails before any sampling
     classifier = digits.load_classifier()
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    print(f"{_WORKDIR.value}, checkpoint {step}: {_NUM_SAMPLES.value} samples per row, {sampler} "
-          f"{steps} steps, seed {_SEED.value}, {device}, jax {jax.__version__}")
+    unguided = sampler_spec.from_config(config, dict(guidance=0.0))
+    print(f"{_WORKDIR.value}, checkpoint {step}: {_NUM_SAMPLES.value} samples per row, "
+          f"{unguided.describe()}, seed {_SEED.value}, {device}, jax {jax.__version__}")
     print("| w | guided t | digits FD | label accuracy | class coverage | sampling s |")
     print("|---|---|---|---|---|---|")
-    for w, interval in resolved:
-        out = generation.default_out(_WORKDIR.value, sampler, steps, w, guidance_interval=interval)
+    for spec in specs:
+        out = generation.default_out(_WORKDIR.value, spec)
         start = time.perf_counter()
         path = generation.generate_samples(
-            params, config, out, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value,
-            sampler=sampler, num_steps=num_steps, eta=eta, seed=_SEED.value, guidance=w,
-            guidance_interval=interval, checkpoint_step=step,
+            params, config, out, spec, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH.value,
+            seed=_SEED.value, checkpoint_step=step,
         )
         seconds = time.perf_counter() - start
         with np.load(path) as f:
             m = digits.digits_metrics(f["arr_0"], f["labels"], classifier)
+        w, interval = spec.guidance, spec.guidance_interval
         guided = "-" if not w else (f"{interval[0]}-{interval[1]}" if interval else "all")
         print(f"| {w:g} | {guided} | {m['digits_fd']:.2f} | {m['digits_accuracy']:.3f} | "
               f"{m['class_coverage']:.4f} | {math.ceil(seconds)} |", flush=True)

@@ -301,10 +301,12 @@ def model_variance(
     """σ_t² of p(x_{t-1} | x_t) and its log (Sec. 3.2).
 
     "fixedlarge" is σ_t² = β_t, except at t = 1 where the original uses β̃_2 so that the
-    decoder's log-variance is finite; "fixedsmall" is σ_t² = β̃_t with the clipped log.
+    decoder's log-variance is finite (a one-step schedule, e.g. a chain respaced to one step, has
+    no β̃_2 and keeps β_1); "fixedsmall" is σ_t² = β̃_t with the clipped log.
     """
     if var_type == "fixedlarge":
-        variance_table = jnp.concatenate([sched.posterior_variance[1:2], sched.betas[1:]])
+        first = sched.posterior_variance[1:2] if sched.betas.shape[0] > 1 else sched.betas[:1]
+        variance_table = jnp.concatenate([first, sched.betas[1:]])
         variance = extract(variance_table, t, shape)
         return variance, jnp.log(variance)
     if var_type == "fixedsmall":

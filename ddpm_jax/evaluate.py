@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from ddpm_jax import cache, cli, evaluation, generation, parallel, sampling, summary
+from ddpm_jax import cache, cli, evaluation, generation, parallel, sampler_spec, summary
 from ddpm_jax.models import unet_from_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluate its latest checkpoint.",
@@ -51,22 +51,11 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50_000, "Samples to draw and 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Sampling batch (padded to a multiple of "
                                    "the devices if it is not one).", lower_bound=1,
                                    allow_override=True)
-_SAMPLER = flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS),
-                             "Sampler (default: the config's).", allow_override=True)
-_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's, else all T).",
-                              allow_override=True)
-_ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).", allow_override=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", allow_override=True)
-_GUIDANCE = flags.DEFINE_float(
-    "guidance", None, "Classifier-free guidance scale w (default: the config's sample.guidance).",
-    allow_override=True,
-)
-_GUIDANCE_INTERVAL = flags.DEFINE_string(
-    "guidance_interval", None, "Guide only the timesteps 't_min,t_max' (e.g. '400,999'); 'all' "
-    "guides every step (default: the config's sample.guidance_interval).", allow_override=True,
-)
 _OUT = flags.DEFINE_string("out", None, "Sample directory (default: <workdir>/samples_<sampler>_"
-                           "<steps>, shared with ddpm_jax.sample).", allow_override=True)
+                           "<steps>[_...], shared with ddpm_jax.sample).", allow_override=True)
+sampler_spec.define_flags()  # --sampler, --steps, --eta, ..., --guidance, --guidance_interval
+flags.adopt_module_key_flags(sampler_spec)  # listed by --help
 _CONVENTION = flags.DEFINE_enum(
     "convention", "tf", ["tf", "pytorch-fid"],
     "Inception input convention: tf (TF1 legacy bilinear resize, the DDPM paper's TF-GAN protocol) "
@@ -197,28 +186,16 @@ def main(argv: list[str]) -> None:
             feature_batch_size=_FEATURE_BATCH.value, cache_dir=_CACHE_DIR.value,
         )
         if _SAMPLES.value is not None:
-            samples_path, settings = Path(_SAMPLES.value), {}
+            samples_path, spec = Path(_SAMPLES.value), None
         else:
-            sampler, num_steps, eta = generation.sampler_settings(
-                config, _SAMPLER.value, _STEPS.value, _ETA.value
-            )
-            guidance, interval = generation.guidance_setting(
-                config, _GUIDANCE.value, _GUIDANCE_INTERVAL.value
-            )
-            steps = num_steps or config.diffusion.num_timesteps
-            out = _OUT.value or generation.default_out(
-                _WORKDIR.value, sampler, steps, guidance, guidance_interval=interval
-            )
+            spec = sampler_spec.from_flags(config)
+            out = _OUT.value or generation.default_out(_WORKDIR.value, spec)
             samples_path = generation.generate_samples(
-                params, config, out, num_samples=_NUM_SAMPLES.value,
-                batch_size=_BATCH_SIZE.value, sampler=sampler, num_steps=num_steps, eta=eta,
-                seed=_SEED.value, guidance=guidance, guidance_interval=interval,
-                checkpoint_step=step,
+                params, config, out, spec, num_samples=_NUM_SAMPLES.value,
+                batch_size=_BATCH_SIZE.value, seed=_SEED.value, checkpoint_step=step,
             )
-            settings = dict(sampler=sampler, num_steps=steps, eta=eta, guidance=guidance,
-                            guidance_interval=interval, checkpoint_step=step)
         _score_samples(scorer, samples_path)
-        results.append((scorer.result(), scorer.protocol(**settings)))
+        results.append((scorer.result(), scorer.protocol(spec, checkpoint_step=step)))
     if "bpd" in metrics:
         model = unet_from_config(config.model, config.data.num_channels)
         bpd, count = evaluation.bits_per_dim_on_split(

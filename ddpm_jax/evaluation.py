@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import diffusion, files, generation, keys, parallel, sampling
+from ddpm_jax import diffusion, files, generation, keys, parallel, sampler_spec, sampling
 from ddpm_jax.metrics import features as features_lib
 from ddpm_jax.metrics import reference as reference_lib
 from ddpm_jax.metrics import statistics
@@ -66,11 +66,7 @@ class Protocol:
     """What a figure means: how the samples were drawn and what they were compared with."""
 
     num_samples: int
-    sampler: str | None = None  # None: samples from elsewhere (--samples)
-    num_steps: int | None = None
-    eta: float | None = None
-    guidance: float | None = None  # classifier-free guidance scale w; None/0: unguided
-    guidance_interval: tuple[int, int] | None = None  # (t_min, t_max) guided; None: every step
+    spec: sampler_spec.SamplerSpec | None = None  # how the samples were drawn; None: --samples
     checkpoint_step: int | None = None
     convention: str | None = None  # Inception metrics only
     reference: str | None = None
@@ -79,13 +75,24 @@ class Protocol:
     def tag(self) -> str:
         """A short name for file names and TensorBoard, e.g. ``50000_ddpm1000_tf``."""
         parts = [str(self.num_samples)]
-        if self.sampler:
-            parts.append(f"{self.sampler}{self.num_steps}")
-        if self.guidance:
-            parts.append(generation.guidance_name(self.guidance, self.guidance_interval))
+        if self.spec:
+            parts.append(self.spec.tag())
         if self.convention:
             parts.append(self.convention)
         return "_".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record of a results file: the fields, the sampling ones flat
+        (``SamplerSpec.summary``; None when nothing was sampled)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        spec = fields.pop("spec")
+        sampled = spec.summary() if spec else dict.fromkeys(sampler_spec.summary_keys())
+        return {**fields, **sampled}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Protocol:
+        own = {f.name: record.get(f.name) for f in dataclasses.fields(cls) if f.name != "spec"}
+        return cls(spec=sampler_spec.SamplerSpec.from_summary(record), **own)
 
 
 def inception_extractor(
@@ -203,8 +210,9 @@ class SampleScorer:
                                              self._classifier))
         return out
 
-    def protocol(self, **sampling_settings: Any) -> Protocol:
-        """The Protocol of the samples scored so far, with the given sampler settings."""
+    def protocol(self, spec: sampler_spec.SamplerSpec | None = None,
+                 checkpoint_step: int | None = None) -> Protocol:
+        """The Protocol of the samples scored so far, drawn as ``spec`` says."""
         reference, reference_images = None, None
         if self.reference is not None:
             reference = self.reference.description
@@ -218,7 +226,7 @@ class SampleScorer:
             convention=self.convention if self._extractor is not None else None,
             reference=reference,
             reference_images=None if reference_images is None else int(reference_images),
-            **sampling_settings,
+            spec=spec, checkpoint_step=checkpoint_step,
         )
 
 
@@ -226,7 +234,7 @@ def write_results(
     path: str | os.PathLike, results: list[tuple[dict[str, float], Protocol]]
 ) -> None:
     """Writes [{"metrics", "protocol"}, ...] as JSON (atomically; process 0 only)."""
-    records = [{"metrics": m, "protocol": dataclasses.asdict(p)} for m, p in results]
+    records = [{"metrics": m, "protocol": p.to_json()} for m, p in results]
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         text = json.dumps(records, indent=2, sort_keys=True) + "\n"
@@ -246,12 +254,8 @@ def describe(metrics: dict[str, float], protocol: Protocol) -> str:
             std = metrics.get(f"{name}_std")
             shown.append(f"{label} {metrics[name]:.4g}" + (f" ± {std:.2g}" if std else ""))
     context = [f"{protocol.num_samples} samples"]
-    if protocol.sampler:
-        context.append(f"{protocol.sampler} {protocol.num_steps} steps")
-    if protocol.guidance:
-        interval = protocol.guidance_interval
-        context.append(f"guidance w={protocol.guidance:g}"
-                       + (f" at t {interval[0]}-{interval[1]}" if interval else ""))
+    if protocol.spec:
+        context.append(protocol.spec.describe())
     if protocol.convention:
         context.append(f"{protocol.convention} convention")
     if protocol.reference:
@@ -265,7 +269,7 @@ def describe(metrics: dict[str, float], protocol: Protocol) -> str:
 def read_results(path: str | os.PathLike) -> list[tuple[dict[str, float], Protocol]]:
     """The [(metrics, protocol)] of a results file written by ``write_results``."""
     with open(path) as f:
-        return [(r["metrics"], Protocol(**r["protocol"])) for r in json.load(f)]
+        return [(r["metrics"], Protocol.from_json(r["protocol"])) for r in json.load(f)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,20 +360,12 @@ def training_eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any] 
     if "bpd" in metrics:
         raise ValueError("config.eval.metrics: bpd is not evaluated during training; use "
                          "`python -m ddpm_jax.evaluate --metrics=bpd`.")
-    sampler, num_steps, eta = generation.sampler_settings(
-        config, eval_config.get("sampler"), eval_config.get("num_steps"), eval_config.get("eta")
-    )
-    sampling.check_sampler_args(config.diffusion.num_timesteps, sampler=sampler,
-                                num_steps=num_steps, eta=eta, var_type=config.diffusion.var_type)
+    spec = sampler_spec.from_config(config, eval_config)  # the eval section over the sample's
     if eval_config.num_samples <= 0 or eval_config.every_steps < 0:
         raise ValueError("config.eval.num_samples must be positive and every_steps >= 0.")
     if eval_config.batch_size < 1:  # one the devices do not divide is padded (make_generate_fn)
         raise ValueError(f"config.eval.batch_size={eval_config.batch_size} must be positive.")
-    guidance, interval = generation.guidance_setting(config)
-    generation.check_labels("random", config.model.get("num_classes"), guidance,
-                            config.model.get("p_uncond", 0.0))
-    return dict(metrics=metrics, sampler=sampler, num_steps=num_steps, eta=eta, guidance=guidance,
-                guidance_interval=interval)
+    return dict(metrics=metrics, spec=spec)
 
 
 def make_training_evaluator(
@@ -390,14 +386,10 @@ def make_training_evaluator(
     )
     # Loads the weights, the classifier and the reference now: a missing file fails at start.
     scorer = SampleScorer(settings["metrics"], config.data, mesh, **scorer_kw)
-    generate = generation.make_generate_fn(
-        model, config, mesh, batch_size=eval_config.batch_size, sampler=settings["sampler"],
-        num_steps=settings["num_steps"], eta=settings["eta"], guidance=settings["guidance"],
-        guidance_interval=settings["guidance_interval"],
-    )
+    generate = generation.make_generate_fn(model, config, mesh, settings["spec"],
+                                           batch_size=eval_config.batch_size)
     num_samples, batch_size = eval_config.num_samples, eval_config.batch_size
     root_key = keys.stream(config.seed, keys.EVAL)
-    steps = settings["num_steps"] or config.diffusion.num_timesteps
 
     def evaluate(ema_params: PyTree, step: int) -> tuple[dict[str, float], Protocol]:
         scorer.reset()
@@ -408,10 +400,6 @@ def make_training_evaluator(
             n = min(batch_size, num_samples - chunk * batch_size)
             conditional = bool(config.model.get("num_classes"))
             scorer.add(np.asarray(images)[:n], np.asarray(labels)[:n] if conditional else None)
-        return scorer.result(), scorer.protocol(
-            sampler=settings["sampler"], num_steps=steps, eta=settings["eta"],
-            guidance=settings["guidance"], guidance_interval=settings["guidance_interval"],
-            checkpoint_step=step,
-        )
+        return scorer.result(), scorer.protocol(settings["spec"], checkpoint_step=step)
 
     return evaluate

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import checkpointing, diffusion, files, images, keys, parallel, sampling
+from ddpm_jax import checkpointing, diffusion, files, images, keys, parallel, sampler_spec, sampling
 from ddpm_jax.models import unet_from_config
 
 PyTree = Any
@@ -55,7 +55,7 @@ def chunk_path(out: str | os.PathLike, chunk: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint and sampler settings.
+# Checkpoint and sample directory.
 # ----------------------------------------------------------------------------------------------
 def load_checkpoint(path: str | os.PathLike) -> tuple[PyTree, ml_collections.ConfigDict, int]:
     """(EMA params, config, step) of a workdir's latest checkpoint or of one step directory.
@@ -80,115 +80,26 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PyTree, ml_collections.Con
         raise ValueError(f"Could not read a checkpoint from {path}: {e}") from e
 
 
-def sampler_settings(
-    config: ml_collections.ConfigDict,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    eta: float | None = None,
-) -> tuple[str, int | None, float]:
-    """(sampler, num_steps or None for all T, eta): the given values, else the config's sample
-    section; the config's eta belongs to its DDIM sampler only."""
-    sampler = sampler or config.sample.sampler
-    num_steps = num_steps if num_steps is not None else config.sample.get("num_steps")
-    if num_steps == config.diffusion.num_timesteps:
-        num_steps = None  # all steps: the chain needs no respacing
-    if eta is None:
-        eta = config.sample.get("eta", 0.0) if sampler == "ddim" else 0.0
-    return sampler, num_steps, eta
-
-
-ALL_STEPS = "all"  # the guidance interval of every step, to override a config's interval
-
-
-def guidance_setting(
-    config: ml_collections.ConfigDict,
-    guidance: float | None = None,
-    interval: tuple[int, int] | str | None = None,
-) -> tuple[float, tuple[int, int] | None]:
-    """(w, interval): the classifier-free guidance scale and the timesteps (t_min, t_max) it is
-    limited to (None: every step): the given ones, else the config's sample.guidance and
-    sample.guidance_interval. ``interval`` may be text, as ``--guidance_interval`` takes it:
-    "t_min,t_max", or "all" for every step whatever the config says. Unguided sampling (w = 0)
-    has no interval. A bad interval is a ValueError."""
-    w = float(guidance if guidance is not None else config.sample.get("guidance", 0.0))
-    if interval is None:
-        interval = config.sample.get("guidance_interval")
-    if interval == ALL_STEPS or not w:
-        return w, None
-    if isinstance(interval, str):
-        try:
-            interval = tuple(int(t) for t in interval.split(","))
-        except ValueError:
-            pass  # check_guidance_interval names the problem
-    sampling.check_guidance_interval(interval, config.diffusion.num_timesteps)
-    return w, None if interval is None else tuple(interval)
-
-
-def guidance_name(guidance: float, interval: tuple[int, int] | None = None) -> str:
-    """``w<guidance>[_t<t_min>-<t_max>]`` ("" without guidance): names files and figures."""
-    if not guidance:
-        return ""
-    return f"w{guidance:g}" + (f"_t{interval[0]}-{interval[1]}" if interval else "")
-
-
-def default_out(workdir: str, sampler: str, steps: int, guidance: float = 0.0,
-                labels: Labels = "random", guidance_interval: tuple[int, int] | None = None) -> str:
-    """``<workdir>/samples_<sampler>_<steps>[_w<guidance>[_t<t_min>-<t_max>]][_<labels>]``: one
-    directory per setting, since a directory holds the chunks of one setting only."""
-    name = f"samples_{sampler}_{steps}"
-    if guidance:
-        name += "_" + guidance_name(guidance, guidance_interval)
-    if labels != "random":
-        name += "_" + (labels if isinstance(labels, str) else "y" + "-".join(map(str, labels)))
-    return os.path.join(workdir, name)
+def default_out(workdir: str, spec: sampler_spec.SamplerSpec) -> str:
+    """``<workdir>/samples_<spec.name()>``: one directory per setting, since a directory holds the
+    chunks of one setting only."""
+    return os.path.join(workdir, f"samples_{spec.name()}")
 
 
 # ----------------------------------------------------------------------------------------------
 # The sampler.
 # ----------------------------------------------------------------------------------------------
-LABELS = ("random", "grid", "none")
-Labels = str | tuple[int, ...]
-
-
-def check_labels(labels: Labels, num_classes: int | None, guidance: float, p_uncond: float) -> None:
-    """Raise ValueError for a ``labels``/``guidance`` pair ``make_generate_fn`` would reject."""
-    if isinstance(labels, str):
-        if labels not in LABELS:
-            raise ValueError(f"labels={labels!r}: use one of {LABELS} or a tuple of classes.")
-    elif not labels or any(not 0 <= k < (num_classes or 0) for k in labels):
-        raise ValueError(
-            f"labels={labels}: a tuple of classes needs a class-conditional model and classes in "
-            f"0..{(num_classes or 0) - 1}, got num_classes={num_classes}."
-        )
-    if labels == "none" and num_classes and not p_uncond:
-        raise ValueError(
-            "labels='none' (unconditional samples) needs a model trained with label dropout "
-            "(config.model.p_uncond > 0); this one has no 'no class' embedding."
-        )
-    if guidance and (labels == "none" or not num_classes):
-        raise ValueError(
-            f"guidance={guidance} needs class labels: with labels='none' or an unconditional "
-            "model there is nothing to guide towards. Use guidance=0."
-        )
-    sampling.check_guidance(guidance, bool(num_classes) and p_uncond > 0)
-
-
 def make_generate_fn(
     model: Any,
     config: ml_collections.ConfigDict,
     mesh: Mesh,
+    spec: sampler_spec.SamplerSpec,
     *,
     batch_size: int,
-    sampler: str,
-    num_steps: int | None,
-    eta: float,
-    labels: Labels = "random",
-    guidance: float = 0.0,
-    guidance_interval: tuple[int, int] | None = None,
     return_trajectory: bool = False,
 ) -> Callable[..., tuple[jax.Array, ...]]:
     """Jitted ``(params, key, chunk) -> (uint8 images [B, H, W, C], labels [B] int32)`` drawn
-    with key fold_in(key, chunk); the batch is split over ``mesh``'s 'data' axis.
+    as ``spec`` says with key fold_in(key, chunk); the batch is split over ``mesh``'s 'data' axis.
 
     A batch B that the devices do not divide is drawn as the next multiple of the device count
     and the padding rows are dropped (the outputs are then replicated rather than split). Noise
@@ -197,20 +108,16 @@ def make_generate_fn(
     e.g. on a device count that divides B.
 
     The one builder of sampled images: the sample and evaluate programs, and the trainer's grids
-    and evaluations. Class-conditional labels are ``"random"`` (uniform), ``"grid"`` (i mod K:
-    column k of a K-column grid shows class k), a tuple of classes (i-th sample: labels[i mod n])
-    or ``"none"`` (the "no class" label K of a model trained with label dropout: unconditional
-    samples); zeros for an unconditional model. ``guidance`` w is classifier-free guidance, at the
-    timesteps of ``guidance_interval`` only if given (``sampling.make_model_fn``). With
-    ``return_trajectory`` it also returns uint8 frames [F, 8, H, W, C] of x_t and pred_x0.
+    and evaluations. Class-conditional labels (``spec.labels``) are ``"random"`` (uniform),
+    ``"grid"`` (i mod K: column k of a K-column grid shows class k), a tuple of classes (i-th
+    sample: labels[i mod n]) or ``"none"`` (the "no class" label K of a model trained with label
+    dropout: unconditional samples); zeros for an unconditional model. ``spec.guidance`` w is
+    classifier-free guidance, at the timesteps of ``spec.guidance_interval`` only if given
+    (``sampling.make_model_fn``). With ``return_trajectory`` it also returns uint8 frames
+    [F, 8, H, W, C] of x_t and pred_x0.
     """
-    num_classes = config.model.get("num_classes")
-    check_labels(labels, num_classes, guidance, config.model.get("p_uncond", 0.0))
-    sampling.check_guidance_interval(guidance_interval, config.diffusion.num_timesteps)
-    sampling.check_sampler_args(
-        config.diffusion.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta,
-        var_type=config.diffusion.var_type,
-    )
+    spec.check_against(config)
+    num_classes, labels = config.model.get("num_classes"), spec.labels
     padded = parallel.padded_batch_size(batch_size, mesh.size)
     size, channels = config.data.image_size, config.data.num_channels
     shape = (padded, size, size, channels)
@@ -231,18 +138,15 @@ def make_generate_fn(
             y = jax.random.randint(label_key, (padded,), 0, num_classes, jnp.int32)
         else:
             y = jnp.asarray(labels, jnp.int32)[index % len(labels)]
-        network = sampling.make_model_fn(model, params, y if num_classes else None, guidance,
-                                         guidance_interval)
+        network = sampling.make_model_fn(model, params, y if num_classes else None,
+                                         spec.guidance, spec.guidance_interval)
 
         def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:  # keep the chain's batch split
             return network(jax.lax.with_sharding_constraint(x, batch_sharding), t)
 
         result = sampling.sample(
-            model_fn, sched, sample_key, shape,
-            sampler=sampler, num_steps=num_steps, eta=eta,
-            var_type=config.diffusion.var_type, mean_type=config.diffusion.mean_type,
-            clip_denoised=config.sample.clip_denoised,
-            return_trajectory=return_trajectory,
+            model_fn, sched, sample_key, shape, **spec.chain_kwargs(),
+            mean_type=config.diffusion.mean_type, return_trajectory=return_trajectory,
         )
         if not return_trajectory:
             return images.to_uint8(result)[:batch_size], y[:batch_size]
@@ -260,16 +164,19 @@ def make_generate_fn(
 # ----------------------------------------------------------------------------------------------
 # Files.
 # ----------------------------------------------------------------------------------------------
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Record the settings the chunks are drawn with; refuse to mix chunks of other settings.
-    A setting missing from an older ``sampling.json`` counts as None (its default), so the
-    directories of earlier versions stay resumable. Process 0 decides (``out`` may be on its disk
-    only) and every process raises with it."""
+def _check_settings(out: Path, spec: sampler_spec.SamplerSpec, settings: dict[str, Any]) -> None:
+    """Record the settings the chunks are drawn with (``spec``'s JSON form and the run's
+    ``settings``); refuse to mix chunks of other settings. A setting missing from an older
+    ``sampling.json`` counts as its default (None for the run's), so the directories of earlier
+    versions stay resumable. Process 0 decides (``out`` may be on its disk only) and every
+    process raises with it."""
+    settings = {**spec.to_json(), **settings}
 
     def check_or_record() -> None:
         path = out / SETTINGS_FILE
         if path.exists():
             saved = json.loads(path.read_text())
+            saved.update(sampler_spec.SamplerSpec.from_json(saved, spec.num_timesteps).to_json())
             diffs = [f"{k}: {saved.get(k)!r} on disk != {settings.get(k)!r} now"
                      for k in sorted(set(saved) | set(settings))
                      if saved.get(k) != settings.get(k)]
@@ -332,22 +239,17 @@ def generate_samples(
     params: PyTree,
     config: ml_collections.ConfigDict,
     out: str | os.PathLike,
+    spec: sampler_spec.SamplerSpec,
     *,
     num_samples: int,
     batch_size: int,
-    sampler: str,
-    num_steps: int | None,
-    eta: float,
     seed: int,
-    labels: Labels = "random",
-    guidance: float = 0.0,
-    guidance_interval: tuple[int, int] | None = None,
     trajectory: bool = False,
     checkpoint_step: int | None = None,
 ) -> Path:
-    """Draw ``num_samples`` images from ``params`` into ``out`` (see the module docstring), skipping
-    chunks already there; ``labels`` and the guidance as in ``make_generate_fn``. Returns the path
-    of samples.npz (with "labels" unless the samples are unconditional)."""
+    """Draw ``num_samples`` images from ``params`` into ``out`` (see the module docstring) as
+    ``spec`` says (``make_generate_fn``), skipping chunks already there. Returns the path of
+    samples.npz (with "labels" unless the samples are unconditional)."""
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}.")
     out = Path(out)
@@ -361,17 +263,12 @@ def generate_samples(
             "avoids that.", batch_size, mesh.size, padded, padded - batch_size,
             100 * (padded / batch_size - 1), multiples)
     model = unet_from_config(config.model, config.data.num_channels)
-    kw = dict(batch_size=batch_size, sampler=sampler, num_steps=num_steps, eta=eta,
-              labels=labels, guidance=guidance, guidance_interval=guidance_interval)
-    generate = make_generate_fn(model, config, mesh, **kw)
-    conditional = bool(config.model.get("num_classes")) and labels != "none"
-    _check_settings(out, dict(
-        kw, labels=labels if isinstance(labels, str) else list(labels), seed=seed,
-        guidance_interval=list(guidance_interval) if guidance_interval else None,
-        checkpoint_step=checkpoint_step, image_shape=[
+    generate = make_generate_fn(model, config, mesh, spec, batch_size=batch_size)
+    conditional = bool(config.model.get("num_classes")) and spec.labels != "none"
+    _check_settings(out, spec, dict(
+        batch_size=batch_size, seed=seed, checkpoint_step=checkpoint_step, image_shape=[
             config.data.image_size, config.data.image_size, config.data.num_channels],
-        num_classes=config.model.get("num_classes"), clip_denoised=config.sample.clip_denoised,
-        var_type=config.diffusion.var_type, mean_type=config.diffusion.mean_type,
+        num_classes=config.model.get("num_classes"), mean_type=config.diffusion.mean_type,
         key_stream="sample-v2",  # chunks drawn before keys.SAMPLE existed are not mixed in
     ))
 
@@ -395,7 +292,8 @@ def generate_samples(
             bar.update(min(batch_size, num_samples - c * batch_size))
 
     if trajectory:
-        traj_fn = make_generate_fn(model, config, mesh, return_trajectory=True, **kw)
+        traj_fn = make_generate_fn(model, config, mesh, spec, batch_size=batch_size,
+                                   return_trajectory=True)
         x, _, x_t, pred_x0 = multihost_utils.process_allgather(
             traj_fn(params, root_key, np.int32(0)), tiled=True
         )

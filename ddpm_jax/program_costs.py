@@ -434,25 +434,19 @@ def sample_program(config: ml_collections.ConfigDict, mesh: Mesh, *, guided: boo
     """``python -m ddpm_jax.sample``'s sampler (``generation.make_generate_fn``) with the config's
     sampler and steps, unguided or with classifier-free guidance (w = config.sample.guidance,
     or 1 when the config sets none, at the config's guidance_interval)."""
-    from ddpm_jax import generation, keys, training
+    from ddpm_jax import generation, keys, sampler_spec, training
     from ddpm_jax.models import unet_from_config
 
     if batch_size <= 0 or batch_size % mesh.size:
         raise ValueError(f"The sampling batch {batch_size} must be a positive multiple of the "
                          f"{mesh.size} devices.")
     model = unet_from_config(config.model, config.data.num_channels)
-    sampler, num_steps, eta = generation.sampler_settings(config)
-    guidance, interval = 0.0, None
-    if guided:
-        if not (config.model.get("num_classes") and config.model.get("p_uncond", 0.0) > 0):
-            raise ValueError("sample_guided needs a class-conditional config trained with label "
-                             "dropout (model.num_classes set, model.p_uncond > 0).")
-        guidance, interval = generation.guidance_setting(
-            config, config.sample.get("guidance") or 1.0)
-    generate = generation.make_generate_fn(
-        model, config, mesh, batch_size=batch_size, sampler=sampler, num_steps=num_steps,
-        eta=eta, guidance=guidance, guidance_interval=interval,
-    )
+    if guided and not (config.model.get("num_classes") and config.model.get("p_uncond", 0.0) > 0):
+        raise ValueError("sample_guided needs a class-conditional config trained with label "
+                         "dropout (model.num_classes set, model.p_uncond > 0).")
+    guidance = (config.sample.get("guidance") or 1.0) if guided else 0.0
+    spec = sampler_spec.from_config(config, {"guidance": guidance})
+    generate = generation.make_generate_fn(model, config, mesh, spec, batch_size=batch_size)
     replicated = NamedSharding(mesh, P())
     tx = training.make_optimizer(config.optim)
     state = jax.eval_shape(lambda key: training.create_train_state(config, model, tx, key),
@@ -461,14 +455,12 @@ def sample_program(config: ml_collections.ConfigDict, mesh: Mesh, *, guided: boo
     args = (_abstract(state.ema_params, replicated),
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
-    steps = num_steps or config.diffusion.num_timesteps
     forward = unet_forward_flops(config.model, config.data.image_size, config.data.num_channels)
-    what = f"{sampler}, {steps} steps, batch {batch_size}"
+    what = f"{spec.describe()}, batch {batch_size}"
     if guided:
-        what += f", guidance w={guidance:g}" + (f" at t in {interval}" if interval else "")
         what += " (one network call on [x_t; x_t])"
     return Program("sample_guided" if guided else "sample", f"make_generate_fn: {what}",
-                   generate, args, batch_size, steps, forward * (2 if guided else 1))
+                   generate, args, batch_size, spec.steps, forward * (2 if guided else 1))
 
 
 def inception_program(config: ml_collections.ConfigDict, mesh: Mesh, *,

@@ -17,7 +17,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from ddpm_jax import cache, cli, generation, parallel, sampling
+from ddpm_jax import cache, cli, generation, parallel, sampler_spec
 
 PyTree = Any
 
@@ -33,34 +33,17 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 256, "Global batch size; one that is not a multiple of the device count is "
     "padded to one (the same images, some extra work).", lower_bound=1,
 )
-_SAMPLER = flags.DEFINE_enum(
-    "sampler", None, list(sampling.SAMPLERS), "Sampler (default: the config's sample.sampler)."
-)
-_STEPS = flags.DEFINE_integer(
-    "steps", None, "Sampling steps (respaced); default: the config's sample.num_steps, else all T."
-)
-_ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's sample.eta).")
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Root seed; chunk c uses fold_in(keys.stream(seed, keys.SAMPLE), c)."
 )
 _OUT = flags.DEFINE_string(
-    "out", None, "Output directory (default: <workdir>/samples_<sampler>_<steps>)."
+    "out", None, "Output directory (default: <workdir>/samples_<sampler>_<steps>[_...])."
 )
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None,
     "Call jax.distributed.initialize() (one process per host). Default: when the environment "
     "shows several processes (JAX_COORDINATOR_ADDRESS, TPU_WORKER_HOSTNAMES, SLURM, Open MPI).",
     allow_override=True,  # ddpm_jax.train defines --distributed too
-)
-_GUIDANCE = flags.DEFINE_float(
-    "guidance", None, "Classifier-free guidance scale w: ε̂ = (1+w) ε(x_t, y) - w ε(x_t, ∅) "
-    "(default: the config's sample.guidance). Needs a model trained with model.p_uncond > 0.",
-)
-_GUIDANCE_INTERVAL = flags.DEFINE_string(
-    "guidance_interval", None, "Guide only the steps whose timestep index t (0..T-1) lies in "
-    "'t_min,t_max' (Kynkäänniemi et al. 2024), e.g. '400,999'; 'all' guides every step "
-    "(default: the config's sample.guidance_interval).",
-    allow_override=True,  # ddpm_jax.evaluate defines it too
 )
 _LABELS = flags.DEFINE_string(
     "labels", "random", "Class-conditional models: 'random' (uniform), one class ('3'), a list "
@@ -70,9 +53,11 @@ _LABELS = flags.DEFINE_string(
 _TRAJECTORY = flags.DEFINE_bool(
     "trajectory", False, "Also write the denoising film of the first samples as PNG strips."
 )
+sampler_spec.define_flags()  # --sampler, --steps, --eta, ..., --guidance, --guidance_interval
+flags.adopt_module_key_flags(sampler_spec)  # listed by --help
 
 
-def parse_labels(text: str) -> generation.Labels:
+def parse_labels(text: str) -> sampler_spec.Labels:
     """``--labels``: 'random', 'all' (the "grid" labels), 'none', or comma-separated classes."""
     if text in ("random", "none"):
         return text
@@ -97,24 +82,12 @@ def main(argv: list[str]) -> None:
         parallel.split_cpu_into_devices(_BATCH_SIZE.value)  # a CPU: one device per core
     cache.enable_compilation_cache()
     params, config, step = generation.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value)
-    sampler, num_steps, eta = generation.sampler_settings(
-        config, _SAMPLER.value, _STEPS.value, _ETA.value
-    )
-    guidance, interval = generation.guidance_setting(
-        config, _GUIDANCE.value, _GUIDANCE_INTERVAL.value
-    )
-    labels = parse_labels(_LABELS.value)
-    steps_name = num_steps or config.diffusion.num_timesteps
-    out = _OUT.value or generation.default_out(_WORKDIR.value, sampler, steps_name, guidance,
-                                                labels, interval)
-    logging.info("Checkpoint step %d: %s, %s steps, eta %s, guidance %s (t in %s), labels %s.",
-                 step, sampler, steps_name, eta, guidance, interval or "all", labels)
+    spec = sampler_spec.from_flags(config, labels=parse_labels(_LABELS.value))
+    out = _OUT.value or generation.default_out(_WORKDIR.value, spec)
+    logging.info("Checkpoint step %d: %s (%s).", step, spec.describe(), spec.to_json())
     path = generation.generate_samples(
-        params, config, out,
-        num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, sampler=sampler,
-        num_steps=num_steps, eta=eta, seed=_SEED.value, labels=labels, guidance=guidance,
-        guidance_interval=interval,
-        trajectory=_TRAJECTORY.value, checkpoint_step=step,
+        params, config, out, spec, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value,
+        seed=_SEED.value, trajectory=_TRAJECTORY.value, checkpoint_step=step,
     )
     logging.info("Wrote %s", path)
 

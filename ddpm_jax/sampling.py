@@ -19,11 +19,18 @@ never sees labels.
 
 Close over ``sched`` as above (a respaced chain builds its tables in float64 NumPy, so the schedule
 must be concrete); pass params as an argument so they are not baked into the program as constants.
+
+The samplers and their options are declared in ``SAMPLERS`` and ``OPTIONS``: the sampling settings
+(``sampler_spec.SamplerSpec``), the programs' flags and the configs' fields follow from them, so a
+new sampler is its step function and one entry in each table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -31,9 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion
-
-SAMPLERS = ("ddpm", "ddim")
-
 
 class Trajectory(NamedTuple):
     """Every k-th state of a chain: ``x_t`` [F, *shape] is the input of that step (frame 0 is
@@ -99,9 +103,8 @@ def _pred_x0(sched, model_output, x, i, mean_type, clip_denoised):
     return jnp.clip(pred_x0, -1.0, 1.0) if clip_denoised else pred_x0
 
 
-def _ddpm_step(sched, model_output, x, i, noise, *, mean_type, var_type, clip_denoised, eta):
+def _ddpm_step(sched, model_output, x, i, noise, *, mean_type, var_type, clip_denoised):
     """x_{t-1} = μ_θ(x_t, t) + σ_t z (Alg. 2, line 4), z = 0 at the last step."""
-    del eta
     mean, _, log_variance, pred_x0 = diffusion.p_mean_variance(
         sched, model_output, x, i,
         mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
@@ -129,35 +132,111 @@ def _ddim_step(sched, model_output, x, i, noise, *, mean_type, var_type, clip_de
     return x_prev, pred_x0
 
 
-_STEPS = {"ddpm": _ddpm_step, "ddim": _ddim_step}
+# ----------------------------------------------------------------------------------------------
+# The samplers and their options.
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A sampler option (a keyword of ``sample``, a field of ``SamplerSpec``, a flag of the sample
+    and evaluate programs, a config field). ``default`` is the value a sampler that does not take
+    the option holds it at (where it has no effect): only that value may be given to such a
+    sampler. ``in_name``: the value is part of the setting's directory name and description."""
+
+    kind: type  # float, int, str or bool
+    default: Any
+    allowed: Callable[[Any], bool]
+    allowed_text: str  # what ``allowed`` accepts, for the error message
+    help: str
+    in_name: bool = True
 
 
-# ----------------------------------------------------------------------------------------------
-# The chain.
-# ----------------------------------------------------------------------------------------------
+class Sampler(NamedTuple):
+    """A sampler: its step ``step(sched, model_output, x, i, noise, *, mean_type, var_type,
+    clip_denoised, **options)`` -> (x_{i-1}, pred_x0), the ``OPTIONS`` it takes, and a check of
+    its options against the number of steps (raising ValueError), if it has one."""
+
+    step: Callable[..., tuple[jax.Array, jax.Array]]
+    options: tuple[str, ...]
+    help: str
+    check: Callable[..., None] | None = None  # check(num_steps, **options)
+
+
+OPTIONS = {
+    "eta": Option(
+        float, 0.0, lambda eta: eta >= 0, ">= 0",
+        "DDIM eta: 0 deterministic, 1 ancestral sampling with fixedsmall variance",
+        in_name=False,  # directories and figures have not named it
+    ),
+}
+SAMPLERS = {
+    "ddpm": Sampler(_ddpm_step, (), "ancestral sampling (Ho et al. 2020, Alg. 2)"),
+    "ddim": Sampler(_ddim_step, ("eta",), "DDIM (Song et al. 2021, eq. 12)"),
+}
+
+
+def _users(option: str) -> str:
+    names = [repr(name) for name, s in SAMPLERS.items() if option in s.options]
+    return f"the {' and '.join(names)} sampler{'s' if len(names) > 1 else ''}"
+
+
 def check_sampler_args(
-    num_timesteps: int,
+    num_timesteps: int | None,
     *,
     sampler: str,
     num_steps: int | None,
-    eta: float | jax.Array,
     var_type: str = "fixedlarge",
-) -> None:
-    """Raise ValueError for arguments ``sample`` would reject (before anything is traced)."""
-    if sampler not in _STEPS:
+    **options: Any,
+) -> dict[str, Any]:
+    """Raise ValueError for arguments ``sample`` would reject (before anything is traced); return
+    the sampler's own options, each the given value (as its kind) or its default.
+
+    An option of ``OPTIONS`` the sampler does not take may only be given at its default (None
+    counts as not given); a traced value goes unchecked. ``num_timesteps`` None: the schedule's
+    length is not known here (a spec read back from a results file), and ``num_steps`` is not
+    checked against it."""
+    if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     if var_type not in diffusion.VAR_TYPES:
         raise ValueError(
             f"Unknown var_type {var_type!r}; choose one of {', '.join(diffusion.VAR_TYPES)}."
         )
-    eta = None if isinstance(eta, jax.core.Tracer) else float(eta)  # a traced eta goes unchecked
-    if eta is not None and (eta < 0 or (sampler == "ddpm" and eta != 0)):
-        raise ValueError(
-            f"eta={eta} is invalid for sampler {sampler!r}: eta must be >= 0 and is only used by "
-            "the 'ddim' sampler (eta=1 there is ancestral sampling with fixedsmall variance)."
-        )
-    if num_steps is not None:
-        space_timesteps(num_timesteps, num_steps)
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown sampler option {unknown[0]}; the options are "
+                         f"{', '.join(OPTIONS)} (each for the samplers that take it).")
+    own = SAMPLERS[sampler].options
+    resolved = {name: OPTIONS[name].default for name in own}
+    for name, value in options.items():
+        if value is None:
+            continue  # not given
+        option = OPTIONS[name]
+        if not isinstance(value, jax.core.Tracer):  # a traced value goes unchecked
+            kind = {float: numbers.Real, int: numbers.Integral}.get(option.kind, option.kind)
+            if not isinstance(value, kind) or (isinstance(value, bool) and option.kind is not bool):
+                raise ValueError(f"{name}={value!r} is invalid: {name} is a {option.kind.__name__}"
+                                 f", {option.allowed_text} ({option.help}).")
+            value = option.kind(value)
+            if name not in own and value != option.default:
+                takes = f"the options {', '.join(own)}" if own else "no options"
+                raise ValueError(
+                    f"{name}={value!r} is invalid for sampler {sampler!r}, which takes {takes}: "
+                    f"{name} is only used by {_users(name)} ({option.help})."
+                )
+            if not option.allowed(value):
+                raise ValueError(f"{name}={value!r} is invalid for sampler {sampler!r}: {name} "
+                                 f"must be {option.allowed_text} ({option.help}).")
+        if name in own:
+            resolved[name] = value
+    if num_steps is not None and num_timesteps is not None:
+        space_timesteps(num_timesteps, num_steps)  # an integer in [1, T]
+    if SAMPLERS[sampler].check is not None:
+        SAMPLERS[sampler].check(num_steps or num_timesteps, **resolved)  # steps, if known
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------
+# The chain.
+# ----------------------------------------------------------------------------------------------
 
 
 def sample(
@@ -168,26 +247,27 @@ def sample(
     *,
     sampler: str = "ddpm",
     num_steps: int | None = None,
-    eta: float | jax.Array = 0.0,
     var_type: str = "fixedlarge",
     clip_denoised: bool = True,
     mean_type: str = "eps",
     return_trajectory: bool = False,
     trajectory_every: int | None = None,
+    **options: Any,
 ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Draw float32 samples of ``shape`` [B, ...] from x_T ~ N(0, I) down to x_0.
 
     ``sampler="ddpm"``: ancestral sampling (Alg. 2) with σ_t² = β_t ("fixedlarge") or β̃_t
     ("fixedsmall"). ``sampler="ddim"``: DDIM with ``eta`` (0: deterministic; 1: the ancestral
-    sampler with fixedsmall variance). ``num_steps=None`` runs all T steps; otherwise the chain
-    runs on ``space_timesteps(T, num_steps)`` with the respaced schedule.
+    sampler with fixedsmall variance; it may be traced). ``options`` are the sampler's own
+    (``SAMPLERS``, ``OPTIONS``). ``num_steps=None`` runs all T steps; otherwise the chain runs on
+    ``space_timesteps(T, num_steps)`` with the respaced schedule.
 
     x_T comes from ``split(rng)[0]``, the noise of chain index i (``num_steps - 1`` down to 0)
     from ``fold_in(split(rng)[1], i)``; the last step adds none. With ``return_trajectory`` also
     returns a ``Trajectory`` of every ``trajectory_every``-th step (default: about 10 frames).
     """
-    check_sampler_args(
-        sched.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta, var_type=var_type
+    options = check_sampler_args(
+        sched.num_timesteps, sampler=sampler, num_steps=num_steps, var_type=var_type, **options
     )
     if len(shape) < 2:
         raise ValueError(f"shape must be [batch, ...] with at least 2 axes, got {shape}.")
@@ -201,7 +281,7 @@ def sample(
     if every < 1:
         raise ValueError(f"trajectory_every must be a positive integer, got {trajectory_every}.")
     num_frames = math.ceil(n / every)
-    step_fn = _STEPS[sampler]
+    step_fn = SAMPLERS[sampler].step
     rng_init, rng_steps = jax.random.split(rng)
     batch = shape[0]
 
@@ -213,7 +293,7 @@ def sample(
         noise = jax.random.normal(jax.random.fold_in(rng_steps, i), shape, jnp.float32)
         x_prev, pred_x0 = step_fn(
             sched, model_fn(x, t_model), x, i_batch, noise,
-            mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, eta=eta,
+            mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, **options,
         )
         if not return_trajectory:
             return (x_prev,), None

@@ -45,7 +45,7 @@ from ddpm_jax import (
     images,
     keys,
     parallel,
-    sampling,
+    sampler_spec,
     summary,
 )
 from ddpm_jax.models import unet_from_config
@@ -477,6 +477,12 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def grid_spec(config: ml_collections.ConfigDict) -> sampler_spec.SamplerSpec:
+    """The sample grids' setting: config.sample, class k in column k of a class-conditional
+    model's grid."""
+    return sampler_spec.from_config(config, labels="grid")
+
+
 def _validate(config: ml_collections.ConfigDict) -> None:
     train = config.train
     parallel.check_batch_size(config.data.batch_size, jax.device_count())
@@ -511,16 +517,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             "underflow to zero: use bfloat16 (same speed on TPUs and recent GPUs, float32's "
             "range) or float32."
         )
-    sample = config.sample
     try:
-        if train.sample_every:
-            if sample.num_images < 1:  # a grid the devices do not divide is padded
-                raise ValueError(f"num_images={sample.num_images} must be positive.")
-            sampling.check_sampler_args(
-                config.diffusion.num_timesteps, sampler=sample.sampler,
-                num_steps=sample.num_steps, eta=sample.eta, var_type=config.diffusion.var_type,
-            )
-        generation.guidance_setting(config)  # the grids' and evaluations' guidance
+        if train.sample_every and config.sample.num_images < 1:  # a grid's batch is padded
+            raise ValueError(f"num_images={config.sample.num_images} must be positive.")
+        grid_spec(config)  # the grids' setting, whose guidance the evaluations share
     except ValueError as e:
         raise ValueError(f"config.sample: {e}") from None
     num_classes, class_conditional = config.model.get("num_classes"), config.data.class_conditional
@@ -646,12 +646,8 @@ def train_and_evaluate(
         jax.eval_shape(init, rng),
     )
     if train_config.sample_every:  # compiled now: no compile, or error, in the middle of the run
-        guidance, guidance_interval = generation.guidance_setting(config)
         grid_fn = generation.make_generate_fn(
-            model, config, mesh, batch_size=config.sample.num_images,
-            sampler=config.sample.sampler, num_steps=config.sample.num_steps,
-            eta=config.sample.eta, labels="grid", guidance=guidance,
-            guidance_interval=guidance_interval,
+            model, config, mesh, grid_spec(config), batch_size=config.sample.num_images,
         ).lower(abstract_state.ema_params, grid_key, np.int32(0)).compile()
 
     ckpt = checkpointing.Checkpointer(

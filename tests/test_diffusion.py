@@ -237,6 +237,18 @@ def test_model_variances(sched):
     np.testing.assert_allclose(log_small[:, 0], np.log(post_var[[1, 1, 999]]), rtol=1e-6)
 
 
+def test_model_variances_of_a_one_step_schedule():
+    """A one-step schedule has no β̃_2: fixedlarge keeps σ² = β_1 (finite log), fixedsmall β̃_1."""
+    beta = 0.3
+    sched = diffusion.schedule_from_betas(np.array([beta]))
+    t = jnp.array([0])
+    large, log_large = diffusion.model_variance(sched, t, (1, 1), "fixedlarge")
+    np.testing.assert_allclose(large[:, 0], [beta], rtol=1e-6)
+    np.testing.assert_allclose(log_large[:, 0], [math.log(beta)], rtol=1e-6)
+    small, _ = diffusion.model_variance(sched, t, (1, 1), "fixedsmall")
+    np.testing.assert_allclose(small[:, 0], [0.0])
+
+
 def test_clipping_and_parameterisations_agree(sched):
     x0 = jnp.full((2, 3, 3, 1), 0.5)
     eps = jax.random.normal(jax.random.key(1), x0.shape)

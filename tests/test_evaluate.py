@@ -18,7 +18,7 @@ from flax import traverse_util
 from test_sample_cli import random_params, tiny_config
 
 import ddpm_jax.datasets  # noqa: F401  (registers mnist5k)
-from ddpm_jax import checkpointing, diffusion, evaluation, sampling, training
+from ddpm_jax import checkpointing, diffusion, evaluation, sampler_spec, sampling, training
 from ddpm_jax.metrics import inception, statistics
 from ddpm_jax.models import unet_from_config
 
@@ -112,16 +112,17 @@ def test_fid_is_kid_end_to_end_and_resumed(workdir, inception_weights, tmp_path,
 
 
 def test_protocol_names_the_guidance_and_its_interval(tmp_path):
-    protocol = evaluation.Protocol(num_samples=500, sampler="ddpm", num_steps=50, guidance=1.0,
-                                   guidance_interval=(400, 999), reference="mnist5k:train")
+    spec = sampler_spec.SamplerSpec(1000, sampler="ddpm", num_steps=50, guidance=1.0,
+                                    guidance_interval=(400, 999))
+    protocol = evaluation.Protocol(num_samples=500, spec=spec, reference="mnist5k:train")
     assert protocol.tag() == "500_ddpm50_w1_t400-999"
     line = evaluation.describe({"digits_fd": 12.5}, protocol)
     assert line == "digits FD 12.5 (500 samples, ddpm 50 steps, guidance w=1 at t 400-999, vs " \
                    "mnist5k:train)"
     evaluation.write_results(tmp_path / "r.json", [({"digits_fd": 12.5}, protocol)])
     [(_, read)] = evaluation.read_results(tmp_path / "r.json")
-    assert read.tag() == protocol.tag() and list(read.guidance_interval) == [400, 999]
-    full = dataclasses.replace(protocol, guidance_interval=None)
+    assert read.tag() == protocol.tag() and list(read.spec.guidance_interval) == [400, 999]
+    full = dataclasses.replace(protocol, spec=dataclasses.replace(spec, guidance_interval=None))
     assert full.tag() == "500_ddpm50_w1" and "guidance w=1, vs" in evaluation.describe({}, full)
 
 

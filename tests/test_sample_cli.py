@@ -17,12 +17,18 @@ from absl import app, flags
 from absl.testing import flagsaver
 from PIL import Image
 
-from ddpm_jax import checkpointing, generation, sample
+from ddpm_jax import checkpointing, generation, sample, sampler_spec
 from ddpm_jax.models import unet_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 8
-SETTINGS = dict(batch_size=8, sampler="ddim", num_steps=3, eta=0.0, seed=0, checkpoint_step=5)
+SETTINGS = dict(batch_size=8, seed=0, checkpoint_step=5)
+
+
+def spec(config, labels="random", **fields):
+    """The tests' sampling setting: DDIM (eta 0) on 3 steps, unless ``fields`` say otherwise."""
+    return sampler_spec.from_config(
+        config, {"sampler": "ddim", "num_steps": 3, "eta": 0.0, **fields}, labels=labels)
 
 
 def tiny_config(num_classes=None):
@@ -108,7 +114,7 @@ def test_rerun_skips_chunks_on_disk_and_is_device_count_independent(cli_out, wor
     settings_file.write_text(json.dumps(recorded))
     np.savez(rerun / "samples_00000.npz", arr_0=np.zeros((8, SIZE, SIZE, 1), np.uint8))
     params, config, _ = checkpointing.load_ema_params(workdir)
-    generation.generate_samples(params, config, rerun, num_samples=10, **SETTINGS)
+    generation.generate_samples(params, config, rerun, spec(config), num_samples=10, **SETTINGS)
     # Chunk 0 was skipped; chunk 1, redrawn here on 8 devices, equals the CLI's on 2 devices.
     np.testing.assert_array_equal(load(rerun / "samples_00000.npz"), 0)
     np.testing.assert_array_equal(
@@ -120,9 +126,9 @@ def test_rerun_skips_chunks_on_disk_and_is_device_count_independent(cli_out, wor
 
 def test_class_conditional_samples_carry_labels(tmp_path):
     config = tiny_config(num_classes=3)
-    settings = dict(SETTINGS, sampler="ddpm", num_steps=2)
-    path = generation.generate_samples(random_params(config), config, tmp_path, num_samples=5,
-                                   **settings)
+    path = generation.generate_samples(random_params(config), config, tmp_path,
+                                       spec(config, sampler="ddpm", num_steps=2), num_samples=5,
+                                       **SETTINGS)
     labels, chunk_labels = load(path, "labels"), load(tmp_path / "samples_00000.npz", "labels")
     assert load(path).shape == (5, SIZE, SIZE, 1) and labels.shape == (5,)
     np.testing.assert_array_equal(labels, chunk_labels[:5])
@@ -134,16 +140,17 @@ def test_refuses_to_mix_settings_and_bad_batch_sizes(cli_out, workdir, tmp_path)
     out, _ = cli_out
     params, config, _ = checkpointing.load_ema_params(workdir)
     with pytest.raises(ValueError, match="seed: 0 on disk != 1 now"):
-        generation.generate_samples(params, config, out, num_samples=10, **dict(SETTINGS, seed=1))
+        generation.generate_samples(params, config, out, spec(config), num_samples=10,
+                                    **dict(SETTINGS, seed=1))
     with pytest.raises(ValueError, match="--batch_size=0 must be a positive integer"):
-        generation.generate_samples(params, config, tmp_path, num_samples=10,
-                                **dict(SETTINGS, batch_size=0))
+        generation.generate_samples(params, config, tmp_path, spec(config), num_samples=10,
+                                    **dict(SETTINGS, batch_size=0))
     with pytest.raises(ValueError, match="num_steps"):
-        generation.generate_samples(params, config, tmp_path, num_samples=10,
-                                **dict(SETTINGS, num_steps=0))
+        generation.generate_samples(params, config, tmp_path, spec(config, num_steps=0),
+                                    num_samples=10, **SETTINGS)
     with pytest.raises(ValueError, match="eta"):
-        generation.generate_samples(params, config, tmp_path, num_samples=10,
-                                **dict(SETTINGS, sampler="ddpm", eta=0.5))
+        generation.generate_samples(params, config, tmp_path, spec(config, sampler="ddpm",
+                                    eta=0.5), num_samples=10, **SETTINGS)
     assert not any(tmp_path.iterdir())  # nothing written for rejected settings
 
 
@@ -206,33 +213,47 @@ def test_cli_guidance_and_label_grid_end_to_end(guided_workdir, repo_env):
     np.testing.assert_array_equal(load(out / "samples.npz", "labels"), [0, 1, 2, 0, 1, 2])
 
 
+def test_resumes_a_directory_of_the_code_before_sampler_specs(guided_workdir, tmp_path):
+    """sampling.json as ddpm_jax at 1e6fdc0 wrote it for this setting: the chunks are resumed
+    and the file stays as it was, byte for byte."""
+    from test_sampler_spec import OLD_GUIDED
+
+    params, config, _ = checkpointing.load_ema_params(guided_workdir)
+    out = tmp_path / "old"
+    out.mkdir()
+    text = json.dumps(OLD_GUIDED, indent=2, sort_keys=True) + "\n"
+    (out / generation.SETTINGS_FILE).write_text(text)
+    setting = spec(config, num_steps=2, labels=(2, 0), guidance=1.0, guidance_interval=(400, 999))
+    generation.generate_samples(params, config, out, setting, num_samples=8, **SETTINGS)
+    assert (out / generation.SETTINGS_FILE).read_text() == text
+    generation.generate_samples(params, config, tmp_path / "new", setting, num_samples=8,
+                                **SETTINGS)
+    assert (tmp_path / "new" / generation.SETTINGS_FILE).read_text() == text
+
+
 def test_labels_list_none_and_refusals(guided_workdir, workdir, tmp_path):
     params, config, _ = checkpointing.load_ema_params(guided_workdir)
-    settings = dict(SETTINGS, num_steps=2)
-    path = generation.generate_samples(params, config, tmp_path / "list", num_samples=8,
-                                       labels=(2, 0), guidance=1.0, **settings)
+    def draw(out, **fields):
+        return generation.generate_samples(params, config, out, spec(config, num_steps=2,
+                                           **fields), num_samples=8, **SETTINGS)
+
+    path = draw(tmp_path / "list", labels=(2, 0), guidance=1.0)
     np.testing.assert_array_equal(load(path, "labels"), [2, 0] * 4)
     with pytest.raises(ValueError, match="guidance: 1.0 on disk != 0.5 now"):
-        generation.generate_samples(params, config, tmp_path / "list", num_samples=8,
-                                    labels=(2, 0), guidance=0.5, **settings)
+        draw(tmp_path / "list", labels=(2, 0), guidance=0.5)
     with pytest.raises(ValueError, match=r"guidance_interval: None on disk != \[400, 999\] now"):
-        generation.generate_samples(params, config, tmp_path / "list", num_samples=8,
-                                    labels=(2, 0), guidance=1.0, guidance_interval=(400, 999),
-                                    **settings)
+        draw(tmp_path / "list", labels=(2, 0), guidance=1.0, guidance_interval=(400, 999))
     for bad in ("999,400", "400", "a,b", "0,1000"):
         with pytest.raises(ValueError, match="guidance_interval=.*t_min <= t_max <= 999"):
             run_main(f"--workdir={guided_workdir}", f"--out={tmp_path / 'x'}", "--guidance=1",
                      f"--guidance_interval={bad}")
-    path = generation.generate_samples(params, config, tmp_path / "none", num_samples=8,
-                                       labels="none", **settings)
+    path = draw(tmp_path / "none", labels="none")
     with np.load(path) as f:  # unconditional samples carry no labels
         assert f.files == ["arr_0"]
     with pytest.raises(ValueError, match="nothing to guide"):
-        generation.generate_samples(params, config, tmp_path / "x", num_samples=8,
-                                    labels="none", guidance=1.0, **settings)
+        draw(tmp_path / "x", labels="none", guidance=1.0)
     with pytest.raises(ValueError, match="classes in 0..2"):
-        generation.generate_samples(params, config, tmp_path / "x", num_samples=8,
-                                    labels=(3,), **settings)
+        draw(tmp_path / "x", labels=(3,))
     with pytest.raises(app.UsageError, match="--labels='seven'"):
         run_main(f"--workdir={guided_workdir}", "--labels=seven")
     # A model trained without label dropout refuses guidance (here: an unconditional one) ...
@@ -242,6 +263,5 @@ def test_labels_list_none_and_refusals(guided_workdir, workdir, tmp_path):
     del config.model["p_uncond"]
     params = dict(params, class_embed={"embedding": params["class_embed"]["embedding"][:3]})
     with pytest.raises(ValueError, match="trained with label dropout"):
-        generation.generate_samples(params, config, tmp_path / "x", num_samples=8,
-                                    guidance=1.0, **settings)
+        draw(tmp_path / "x", guidance=1.0)
     assert not (tmp_path / "x").exists()

@@ -305,6 +305,32 @@ def test_every_step_follows_its_update_rule(sched, sampler):
         np.testing.assert_allclose(states[j + 1], expected, atol=3e-5)
 
 
+@pytest.mark.parametrize("sampler, kw", [
+    ("ddpm", dict(var_type="fixedlarge")),  # crashed at trace time: no β̃_2 in a 1-step schedule
+    ("ddpm", dict(var_type="fixedsmall")),
+    ("ddim", dict(eta=0.0)),
+    ("ddim", dict(eta=1.0)),
+])
+@pytest.mark.parametrize("clip", [False, True])
+def test_one_step_chain_is_the_clipped_x0_prediction_at_T(sched, sampler, kw, clip):
+    """One step: the chain's only timestep is T-1 with ᾱ'_prev = 1, so its posterior mean is x̂_0
+    itself (coefficients 1 and 0), every σ² is 0 (eq. 16 with ᾱ_{t-1} = 1; the last step adds no
+    noise anyway), and the sample is x̂_0(x_T, T-1) = (x_T - sqrt(1-ᾱ) ε*)/sqrt(ᾱ), clipped when
+    asked; computed here in float64 from the documented x_T = N(split(rng)[0])."""
+    rng = key(7)
+    shape = (4, 3, 3, 1)
+    x = sampling.sample(optimal_eps, sched, rng, shape, sampler=sampler, num_steps=1,
+                        clip_denoised=clip, **kw)
+    x_T = np.asarray(jax.random.normal(jax.random.split(rng)[0], shape), np.float64)
+    a = ALPHA_BAR[T - 1]
+    eps = math.sqrt(1 - a) * (x_T - math.sqrt(a) * MU) / (a * S**2 + 1 - a)
+    expected = (x_T - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    if clip:
+        expected = np.clip(expected, -1.0, 1.0)
+    assert np.abs(expected).max() > 0.1  # not trivially zero
+    np.testing.assert_allclose(np.asarray(x, np.float64), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_compiles_once(sched):
     traces = []
 

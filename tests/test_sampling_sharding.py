@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from ddpm_jax import generation, parallel, program_costs
 from ddpm_jax.metrics import features
 from ddpm_jax.models import unet_from_config
-from test_sample_cli import SIZE, random_params, tiny_config
+from test_sample_cli import SIZE, random_params, spec, tiny_config
 
 def sampling_loop(text: str) -> tuple[str, dict[str, int]]:
     """(while instruction, collectives per kind in its body and what it calls) of the one loop
@@ -44,8 +44,8 @@ def compiled_generate(batch_size, guidance, interval, num_devices=8):
     config, model, params = guided_model()
     mesh = Mesh(np.array(jax.devices()[:num_devices]), ("data",))
     fn = generation.make_generate_fn(
-        model, config, mesh, batch_size=batch_size, sampler="ddim", num_steps=3, eta=0.0,
-        guidance=guidance, guidance_interval=interval,
+        model, config, mesh, spec(config, guidance=guidance, guidance_interval=interval),
+        batch_size=batch_size,
     )
     return fn.lower(params, jax.random.key(0), np.int32(0)).compile()
 
@@ -98,9 +98,9 @@ def test_a_padded_batch_draws_the_samples_of_an_unpadded_run():
 def test_generate_samples_pads_a_batch_the_devices_do_not_divide(tmp_path):
     """--batch_size=6 on 8 devices: chunks of 6, each drawn as 8, with the trajectory film."""
     config = tiny_config()
-    settings = dict(batch_size=6, sampler="ddim", num_steps=2, eta=0.0, seed=0)
-    path = generation.generate_samples(random_params(config), config, tmp_path, num_samples=9,
-                                       trajectory=True, **settings)
+    path = generation.generate_samples(random_params(config), config, tmp_path,
+                                       spec(config, num_steps=2), num_samples=9, batch_size=6,
+                                       seed=0, trajectory=True)
     with np.load(path) as f:
         assert f["arr_0"].shape == (9, SIZE, SIZE, 1)
     with np.load(tmp_path / "samples_00001.npz") as f:

@@ -8,6 +8,8 @@ placeholder, so that ``--config.field=value`` can still set it.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from ddpm_jax import sampler_spec
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -87,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample = sample = ml_collections.ConfigDict()
     sample.sampler = "ddpm"
     sample.num_steps = placeholder(int)  # None: all 1000 steps, as in the paper
-    sample.eta = 0.0
+    sampler_spec.add_option_fields(sample, inherit=False)  # eta (DDIM's), ...: their defaults
     sample.clip_denoised = True
     sample.num_images = 64
     sample.guidance = 0.0  # w of ε̂ = (1+w) ε(x_t, y) - w ε(x_t, ∅); needs model.p_uncond > 0
@@ -104,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
     ev.batch_size = 400  # divides 8 and 16 devices and num_samples (25 full chunks)
     ev.sampler = "ddim"
     ev.num_steps = 100
-    ev.eta = placeholder(float)  # None: the sample section's
+    sampler_spec.add_option_fields(ev, inherit=True)  # eta, ...: None, the sample section's
     ev.convention = "tf"
     ev.reference = placeholder(str)  # None: <dataset>:<split>, the training data
     ev.inception_weights = placeholder(str)  # None: $DDPM_JAX_INCEPTION_WEIGHTS
