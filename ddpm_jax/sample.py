@@ -17,7 +17,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from ddpm_jax import cache, cli, generation, parallel, sampling
+from ddpm_jax import cache, cli, config_checks, generation, parallel, sampling
 
 PyTree = Any
 
@@ -97,6 +97,7 @@ def main(argv: list[str]) -> None:
         parallel.split_cpu_into_devices(_BATCH_SIZE.value)  # a CPU: one device per core
     cache.enable_compilation_cache()
     params, config, step = generation.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value)
+    config_checks.check_config(config, "sample")
     sampler, num_steps, eta = generation.sampler_settings(
         config, _SAMPLER.value, _STEPS.value, _ETA.value
     )

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax import input_files
+
 INPUT_SIZE = 299
 NUM_LOGITS = 1008
 BN_EPS = 1e-3
@@ -389,12 +391,10 @@ def _variables_from_npz(flat: Mapping[str, np.ndarray]) -> dict:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except Exception as e:  # zipfile, zlib and NumPy raise many types here
-        raise ValueError(f"{path} is not a readable .npz file (damaged or not made by "
-                         f"{_CONVERT_COMMAND.format('PTH')}): {type(e).__name__}: {e}") from e
+    return input_files.read_npz(
+        path, ".npz file of FID Inception weights", {},
+        others=input_files.ArraySpec("finite float arrays", kinds="f", finite=True),
+        expected=f"the .npz file that {_CONVERT_COMMAND.format('PTH')} writes")
 
 
 def _read_pth(path: Path) -> dict[str, np.ndarray]:
