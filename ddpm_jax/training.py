@@ -549,6 +549,9 @@ def train_and_evaluate(
     train_config = config.train
     config_checks.check_config(config, "train", device_count=jax.device_count(),
                                process_count=jax.process_count())  # before anything is written
+    from ddpm_jax import input_pipeline  # TensorFlow: only for a run that reads data
+
+    input_pipeline.check_dataset(config.data)  # a bad dataset, split or image: before it too
     is_main = jax.process_index() == 0
     checkpointing.write_config(workdir, config)  # refuses an incompatible workdir
     mesh = parallel.make_data_mesh()
@@ -613,8 +616,6 @@ def train_and_evaluate(
         def save_checkpoint() -> None:
             check_finite(jax.device_get(acc))
             ckpt.save(step, state, force=True)
-
-        from ddpm_jax import input_pipeline  # TensorFlow: only for a run that reads data
 
         data = input_pipeline.create_dataset(config.data, seed=config.seed, start_step=step)
         acc = new_metrics()
