@@ -33,7 +33,7 @@ from ddpm_jax.models import unet
 
 Program = Literal["train", "sample", "evaluate"]
 PROGRAMS: tuple[Program, ...] = ("train", "sample", "evaluate")
-TRAIN_ONLY: tuple[Program, ...] = ("train",)
+TRAIN: tuple[Program, ...] = ("train",)
 FOLDER_PREFIX = "folder:"  # input_pipeline.FOLDER_PREFIX, without importing TensorFlow
 
 
@@ -144,20 +144,21 @@ def _probability(path: str, meaning: str, **kw: Any) -> Field:
     return Field(path, float, meaning, low=0.0, high=1.0, high_open=True, **kw)
 
 
-T = TRAIN_ONLY
 FIELDS: tuple[Field, ...] = (
-    Field("seed", int, "the run's root seed", low=0, high=2**63 - 1, read_by=T),
+    Field("seed", int, "the run's root seed", low=0, high=2**63 - 1, read_by=TRAIN),
     # data
     Field("data.dataset", str, "a TFDS name, 'mnist5k' or 'folder:/path/to/images'",
           non_empty=True),
-    Field("data.split", str, "the TFDS split to train on, e.g. 'train'", non_empty=True, read_by=T),
+    Field("data.split", str, "the TFDS split to train on, e.g. 'train'", non_empty=True,
+          read_by=TRAIN),
     Field("data.data_dir", str, "the TFDS data directory (None: TFDS's default)",
           may_be_none=True, non_empty=True),
     Field("data.image_size", int, "the side of the square training images, in pixels", low=1),
     Field("data.num_channels", int, "1 (grayscale) or 3 (RGB)", choices=(1, 3)),
-    Field("data.random_flip", bool, "random horizontal flips in training", read_by=T),
-    Field("data.batch_size", int, "the global training batch", low=1, read_by=T),
-    Field("data.shuffle_buffer", int, "tf.data's shuffle buffer, in examples", low=1, read_by=T),
+    Field("data.random_flip", bool, "random horizontal flips in training", read_by=TRAIN),
+    Field("data.batch_size", int, "the global training batch", low=1, read_by=TRAIN),
+    Field("data.shuffle_buffer", int, "tf.data's shuffle buffer, in examples", low=1,
+          read_by=TRAIN),
     Field("data.class_conditional", bool, "whether training reads class labels"),
     # model
     Field("model.ch", int, "the UNet's base width", low=unet.NUM_GROUPS,
@@ -182,44 +183,44 @@ FIELDS: tuple[Field, ...] = (
     Field("diffusion.mean_type", str, "what the network predicts", choices=diffusion.MEAN_TYPES),
     # optim
     Field("optim.lr", float, "Adam's peak learning rate", low=0.0, high=1.0, low_open=True,
-          read_by=T),
-    Field("optim.warmup_steps", int, "steps of linear learning-rate warm-up", low=0, read_by=T),
+          read_by=TRAIN),
+    Field("optim.warmup_steps", int, "steps of linear learning-rate warm-up", low=0, read_by=TRAIN),
     Field("optim.grad_clip", float, "the gradient-norm clip (0: no clipping)", low=0.0,
-          may_be_none=True, read_by=T),
-    Field("optim.clip_groups", int, "groups of the batch clipped apart", low=1, read_by=T),
-    _probability("optim.b1", "Adam's β1", read_by=T),
-    _probability("optim.b2", "Adam's β2", read_by=T),
-    Field("optim.eps", float, "Adam's ε", low=0.0, low_open=True, read_by=T),
+          may_be_none=True, read_by=TRAIN),
+    Field("optim.clip_groups", int, "groups of the batch clipped apart", low=1, read_by=TRAIN),
+    _probability("optim.b1", "Adam's β1", read_by=TRAIN),
+    _probability("optim.b2", "Adam's β2", read_by=TRAIN),
+    Field("optim.eps", float, "Adam's ε", low=0.0, low_open=True, read_by=TRAIN),
     # train
-    Field("train.num_steps", int, "the training steps", low=0, read_by=T),
-    Field("train.log_every", int, "steps between log lines", low=1, read_by=T),
-    Field("train.checkpoint_every", int, "steps between checkpoints", low=1, read_by=T),
-    Field("train.keep_checkpoints", int, "the latest checkpoints kept", low=1, read_by=T),
+    Field("train.num_steps", int, "the training steps", low=0, read_by=TRAIN),
+    Field("train.log_every", int, "steps between log lines", low=1, read_by=TRAIN),
+    Field("train.checkpoint_every", int, "steps between checkpoints", low=1, read_by=TRAIN),
+    Field("train.keep_checkpoints", int, "the latest checkpoints kept", low=1, read_by=TRAIN),
     Field("train.keep_period", int, "every this many steps a checkpoint is kept for good (0: "
-          "none)", low=0, may_be_none=True, read_by=T),
+          "none)", low=0, may_be_none=True, read_by=TRAIN),
     Field("train.sample_every", int, "steps between sample grids (0: none)", low=0,
-          may_be_none=True, read_by=T),
-    _probability("train.ema_decay", "the EMA decay of the params", read_by=T),
-    Field("train.steps_per_dispatch", int, "train steps per host dispatch", low=1, read_by=T),
-    Field("train.prng_impl", str, "the PRNG of the run's key", choices=keys.IMPLS, read_by=T),
+          may_be_none=True, read_by=TRAIN),
+    _probability("train.ema_decay", "the EMA decay of the params", read_by=TRAIN),
+    Field("train.steps_per_dispatch", int, "train steps per host dispatch", low=1, read_by=TRAIN),
+    Field("train.prng_impl", str, "the PRNG of the run's key", choices=keys.IMPLS, read_by=TRAIN),
     # sample (its sampling fields: SAMPLING_FIELDS)
-    Field("sample.clip_denoised", bool, "clip the predicted x_0 to [-1, 1]", read_by=T),
-    Field("sample.num_images", int, "images of each training grid", low=1, read_by=T),
+    Field("sample.clip_denoised", bool, "clip the predicted x_0 to [-1, 1]", read_by=TRAIN),
+    Field("sample.num_images", int, "images of each training grid", low=1, read_by=TRAIN),
     # eval (its sampling fields: SAMPLING_FIELDS)
     Field("eval.every_steps", int, "steps between evaluations in training (0: none)", low=0,
-          read_by=T),
+          read_by=TRAIN),
     Field("eval.metrics", str, "the metrics of evaluations in training (bpd: only `python -m "
           "ddpm_jax.evaluate --metrics=bpd`)", choices=evaluation.SAMPLE_METRICS,
-          comma_list=True, read_by=T),
-    Field("eval.num_samples", int, "samples per evaluation", low=2, read_by=T),
-    Field("eval.batch_size", int, "the sampling batch of evaluations", low=1, read_by=T),
+          comma_list=True, read_by=TRAIN),
+    Field("eval.num_samples", int, "samples per evaluation", low=2, read_by=TRAIN),
+    Field("eval.batch_size", int, "the sampling batch of evaluations", low=1, read_by=TRAIN),
     Field("eval.convention", str, "the Inception input convention", choices=inception.CONVENTIONS,
-          read_by=T),
+          read_by=TRAIN),
     Field("eval.reference", str, "the reference set (None: the training data)", may_be_none=True,
-          non_empty=True, read_by=T),
+          non_empty=True, read_by=TRAIN),
     Field("eval.inception_weights", str, "the FID Inception weights (None: "
-          f"${inception.WEIGHTS_ENV})", may_be_none=True, non_empty=True, read_by=T),
-    Field("eval.keep_best", bool, "keep the best evaluation's params", read_by=T),
+          f"${inception.WEIGHTS_ENV})", may_be_none=True, non_empty=True, read_by=TRAIN),
+    Field("eval.keep_best", bool, "keep the best evaluation's params", read_by=TRAIN),
 )
 # Checked by the sampler's own validation, through check_sampling_fields.
 SAMPLING_FIELDS = ("sample.sampler", "sample.num_steps", "sample.eta", "sample.guidance",
@@ -436,11 +437,11 @@ RELATIONS: tuple[Relation, ...] = (
     Relation(_classes),
     Relation(_class_conditional),
     Relation(_betas),
-    Relation(_float16, read_by=TRAIN_ONLY),
-    Relation(_dispatch, read_by=TRAIN_ONLY),
-    Relation(_data_files, read_by=TRAIN_ONLY),
-    Relation(_eval_files, read_by=TRAIN_ONLY),
-    Relation(_devices, read_by=TRAIN_ONLY, needs_devices=True),
+    Relation(_float16, read_by=TRAIN),
+    Relation(_dispatch, read_by=TRAIN),
+    Relation(_data_files, read_by=TRAIN),
+    Relation(_eval_files, read_by=TRAIN),
+    Relation(_devices, read_by=TRAIN, needs_devices=True),
 )
 
 
@@ -504,7 +505,7 @@ def _unknown_fields(config: ml_collections.ConfigDict) -> Iterator[str]:
 
 
 def check_config(
-    config: Mapping[str, Any],
+    config: ml_collections.ConfigDict | Mapping[str, Any],
     program: Program,
     *,
     device_count: int | None = None,

@@ -98,8 +98,7 @@ _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias":
 # ----------------------------------------------------------------------------------------------
 def _refuse_layout(problems: list[str]) -> None:
     if problems:
-        raise ValueError("Not the DDPM UNet layout, refusing to convert:\n  "
-                         + "\n  ".join(problems))
+        raise ValueError("Not the DDPM UNet layout, refusing to convert: " + "; ".join(problems))
 
 
 def model_config_from_diffusers(
@@ -246,8 +245,8 @@ def convert_diffusers_state(
     )
     if problems:
         raise ValueError(f"The state dict does not match the DDPM UNet of this config "
-                         f"({len(problems)} problems), refusing to convert:\n  "
-                         + "\n  ".join(problems))
+                         f"({len(problems)} problems), refusing to convert: "
+                         + "; ".join(problems))
     return traverse_util.unflatten_dict(flat), model_config
 
 

@@ -351,7 +351,7 @@ def _refuse(what: str, problems: list[str]) -> None:
         listed = problems[:_MAX_LISTED]
         if len(problems) > _MAX_LISTED:
             listed.append(f"... and {len(problems) - _MAX_LISTED} more")
-        raise ValueError(f"{what} ({len(problems)} problems):\n  " + "\n  ".join(listed))
+        raise ValueError(f"{what} ({len(problems)} problems): " + "; ".join(listed))  # one line
 
 
 def variables_from_torch_state_dict(state: Mapping[str, np.ndarray]) -> dict:
