@@ -147,30 +147,32 @@ def _probability(path: str, meaning: str, **kw: Any) -> Field:
 FIELDS: tuple[Field, ...] = (
     Field("seed", int, "the run's root seed", low=0, high=2**63 - 1, read_by=TRAIN),
     # data
-    Field("data.dataset", str, "a TFDS name, 'mnist5k' or 'folder:/path/to/images'",
+    Field("data.dataset", str, "the dataset: a TFDS name, 'mnist5k' or 'folder:/path/to/images'",
           non_empty=True),
     Field("data.split", str, "the TFDS split to train on, e.g. 'train'", non_empty=True,
           read_by=TRAIN),
     Field("data.data_dir", str, "the TFDS data directory (None: TFDS's default)",
           may_be_none=True, non_empty=True),
     Field("data.image_size", int, "the side of the square training images, in pixels", low=1),
-    Field("data.num_channels", int, "1 (grayscale) or 3 (RGB)", choices=(1, 3)),
-    Field("data.random_flip", bool, "random horizontal flips in training", read_by=TRAIN),
-    Field("data.batch_size", int, "the global training batch", low=1, read_by=TRAIN),
-    Field("data.shuffle_buffer", int, "tf.data's shuffle buffer, in examples", low=1,
+    Field("data.num_channels", int, "the image channels: 1 (grayscale) or 3 (RGB)", choices=(1, 3)),
+    Field("data.random_flip", bool, "the switch of random horizontal flips in training",
           read_by=TRAIN),
-    Field("data.class_conditional", bool, "whether training reads class labels"),
+    Field("data.batch_size", int, "the global training batch", low=1, read_by=TRAIN),
+    Field("data.shuffle_buffer", int, "the size of tf.data's shuffle buffer, in examples", low=1,
+          read_by=TRAIN),
+    Field("data.class_conditional", bool, "the switch that makes training read class labels"),
     # model
     Field("model.ch", int, "the UNet's base width", low=unet.NUM_GROUPS,
           multiple_of=unet.NUM_GROUPS),
     Field("model.ch_mult", tuple, "the width multiplier of each resolution level", low=1,
           non_empty=True),
-    Field("model.num_res_blocks", int, "ResNet blocks per level", low=1),
+    Field("model.num_res_blocks", int, "the number of ResNet blocks per level", low=1),
     Field("model.attn_resolutions", tuple, "the resolutions with self-attention", low=1),
     _probability("model.dropout", "the dropout rate"),
-    Field("model.resamp_with_conv", bool, "3x3 convolutions around down- and upsampling"),
-    Field("model.num_classes", int, "classes of a class-conditional model (None: unconditional)",
-          low=1, may_be_none=True),
+    Field("model.resamp_with_conv", bool,
+          "the switch of 3x3 convolutions around down- and upsampling"),
+    Field("model.num_classes", int, "the number of classes of a class-conditional model (None: "
+          "unconditional)", low=1, may_be_none=True),
     _probability("model.p_uncond", "the probability that training drops a label (classifier-free "
                  "guidance)"),
     Field("model.dtype", str, "the compute dtype", choices=("float32", "bfloat16", "float16")),
@@ -178,41 +180,49 @@ FIELDS: tuple[Field, ...] = (
     # diffusion
     Field("diffusion.schedule", str, "the β schedule", choices=diffusion.SCHEDULES),
     Field("diffusion.num_timesteps", int, "T, the length of the diffusion", low=1),
-    Field("diffusion.beta_start", float, "β_1", low=0.0, high=1.0, low_open=True),
-    Field("diffusion.beta_end", float, "β_T", low=0.0, high=1.0, low_open=True),
-    Field("diffusion.mean_type", str, "what the network predicts", choices=diffusion.MEAN_TYPES),
+    Field("diffusion.beta_start", float, "β_1, the first noise variance", low=0.0, high=1.0,
+          low_open=True),
+    Field("diffusion.beta_end", float, "β_T, the last noise variance", low=0.0, high=1.0,
+          low_open=True),
+    Field("diffusion.mean_type", str, "the network's target", choices=diffusion.MEAN_TYPES),
     # optim
-    Field("optim.lr", float, "Adam's peak learning rate", low=0.0, high=1.0, low_open=True,
+    # No upper bound: tests diverge a run on purpose with lr 1e30.
+    Field("optim.lr", float, "Adam's peak learning rate", low=0.0, low_open=True, read_by=TRAIN),
+    Field("optim.warmup_steps", int, "the number of steps of learning-rate warm-up", low=0,
           read_by=TRAIN),
-    Field("optim.warmup_steps", int, "steps of linear learning-rate warm-up", low=0, read_by=TRAIN),
     Field("optim.grad_clip", float, "the gradient-norm clip (0: no clipping)", low=0.0,
           may_be_none=True, read_by=TRAIN),
-    Field("optim.clip_groups", int, "groups of the batch clipped apart", low=1, read_by=TRAIN),
+    Field("optim.clip_groups", int, "the number of groups of the batch clipped apart", low=1,
+          read_by=TRAIN),
     _probability("optim.b1", "Adam's β1", read_by=TRAIN),
     _probability("optim.b2", "Adam's β2", read_by=TRAIN),
     Field("optim.eps", float, "Adam's ε", low=0.0, low_open=True, read_by=TRAIN),
     # train
-    Field("train.num_steps", int, "the training steps", low=0, read_by=TRAIN),
-    Field("train.log_every", int, "steps between log lines", low=1, read_by=TRAIN),
-    Field("train.checkpoint_every", int, "steps between checkpoints", low=1, read_by=TRAIN),
-    Field("train.keep_checkpoints", int, "the latest checkpoints kept", low=1, read_by=TRAIN),
-    Field("train.keep_period", int, "every this many steps a checkpoint is kept for good (0: "
+    Field("train.num_steps", int, "the number of training steps", low=0, read_by=TRAIN),
+    Field("train.log_every", int, "the steps between log lines", low=1, read_by=TRAIN),
+    Field("train.checkpoint_every", int, "the steps between checkpoints", low=1, read_by=TRAIN),
+    Field("train.keep_checkpoints", int, "the number of latest checkpoints kept", low=1,
+          read_by=TRAIN),
+    Field("train.keep_period", int, "the period of the checkpoints kept for good, in steps (0: "
           "none)", low=0, may_be_none=True, read_by=TRAIN),
-    Field("train.sample_every", int, "steps between sample grids (0: none)", low=0,
+    Field("train.sample_every", int, "the steps between sample grids (0: none)", low=0,
           may_be_none=True, read_by=TRAIN),
     _probability("train.ema_decay", "the EMA decay of the params", read_by=TRAIN),
-    Field("train.steps_per_dispatch", int, "train steps per host dispatch", low=1, read_by=TRAIN),
+    Field("train.steps_per_dispatch", int, "the number of train steps per host dispatch", low=1,
+          read_by=TRAIN),
     Field("train.prng_impl", str, "the PRNG of the run's key", choices=keys.IMPLS, read_by=TRAIN),
     # sample (its sampling fields: SAMPLING_FIELDS)
-    Field("sample.clip_denoised", bool, "clip the predicted x_0 to [-1, 1]", read_by=TRAIN),
-    Field("sample.num_images", int, "images of each training grid", low=1, read_by=TRAIN),
+    Field("sample.clip_denoised", bool, "the switch that clips the predicted x_0 to [-1, 1]",
+          read_by=TRAIN),
+    Field("sample.num_images", int, "the number of images of each training grid", low=1,
+          read_by=TRAIN),
     # eval (its sampling fields: SAMPLING_FIELDS)
-    Field("eval.every_steps", int, "steps between evaluations in training (0: none)", low=0,
+    Field("eval.every_steps", int, "the steps between evaluations in training (0: none)", low=0,
           read_by=TRAIN),
     Field("eval.metrics", str, "the metrics of evaluations in training (bpd: only `python -m "
           "ddpm_jax.evaluate --metrics=bpd`)", choices=evaluation.SAMPLE_METRICS,
           comma_list=True, read_by=TRAIN),
-    Field("eval.num_samples", int, "samples per evaluation", low=2, read_by=TRAIN),
+    Field("eval.num_samples", int, "the number of samples per evaluation", low=2, read_by=TRAIN),
     Field("eval.batch_size", int, "the sampling batch of evaluations", low=1, read_by=TRAIN),
     Field("eval.convention", str, "the Inception input convention", choices=inception.CONVENTIONS,
           read_by=TRAIN),
@@ -220,7 +230,8 @@ FIELDS: tuple[Field, ...] = (
           non_empty=True, read_by=TRAIN),
     Field("eval.inception_weights", str, "the FID Inception weights (None: "
           f"${inception.WEIGHTS_ENV})", may_be_none=True, non_empty=True, read_by=TRAIN),
-    Field("eval.keep_best", bool, "keep the best evaluation's params", read_by=TRAIN),
+    Field("eval.keep_best", bool, "the switch that keeps the best evaluation's params",
+          read_by=TRAIN),
 )
 # Checked by the sampler's own validation, through check_sampling_fields.
 SAMPLING_FIELDS = ("sample.sampler", "sample.num_steps", "sample.eta", "sample.guidance",
@@ -268,7 +279,7 @@ def field_error(field: Field, value: Any, fix: str | None = None) -> str:
         example = _default(field.path)
         fix = "" if example is None else (
             f"Set it, e.g. --config.{field.path}={_flag_text(example)} (the default).")
-    return (f"config.{field.path}={value!r} is not {field.allowed()}: {field.meaning}."
+    return (f"config.{field.path}={value!r} is not {field.allowed()}. It is {field.meaning}."
             + (f" {fix}" if fix else ""))
 
 
@@ -279,7 +290,7 @@ def check_value(path: str, value: Any, *, name: str | None = None) -> None:
     if not field.accepts(value):
         if name is None:
             raise ValueError(field_error(field, value))
-        raise ValueError(f"{name}={value!r} is not {field.allowed()}: {field.meaning}.")
+        raise ValueError(f"{name}={value!r} is not {field.allowed()}. It is {field.meaning}.")
 
 
 # ----------------------------------------------------------------------------------------------

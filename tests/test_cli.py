@@ -54,11 +54,12 @@ def corrupt_folder(tmp_path_factory):
      "ddpm_jax.evaluate: error: --samples={tmp}/none.npz does not exist."),
     # Issue 22's three: a TensorFlow traceback, a run of gradient ascent, a pickle hint.
     (["ddpm_jax.train", "--config=tiny", "--config.data.image_size=0", "--workdir={tmp}/run"],
-     "ddpm_jax.train: error: config.data.image_size=0 is not an integer >= 1: the side of the "
-     "square training images, in pixels. Set it, e.g. --config.data.image_size=32 (the default)."),
+     "ddpm_jax.train: error: config.data.image_size=0 is not an integer >= 1. It is the side of "
+     "the square training images, in pixels. Set it, e.g. --config.data.image_size=32 (the "
+     "default)."),
     (["ddpm_jax.train", "--config=tiny", "--config.optim.lr=-1", "--workdir={tmp}/run"],
-     "ddpm_jax.train: error: config.optim.lr=-1.0 is not a number > 0 and <= 1: Adam's peak "
-     "learning rate."),
+     "ddpm_jax.train: error: config.optim.lr=-1.0 is not a number > 0. It is Adam's peak "
+     "learning rate. Set it, e.g. --config.optim.lr=0.0002 (the default)."),
     (["ddpm_jax.evaluate", "--samples={tmp}/bad.npz", "--metrics=is"],
      "ddpm_jax.evaluate: error: {tmp}/bad.npz is not a readable samples .npz: it is a text file. "
      "Expected an .npz archive (np.savez) with 'arr_0': uint8 [N, H, W, C] images"),

@@ -140,7 +140,7 @@ def test_the_sampling_fields_are_checked_through_the_sampler_hook(name):
     (dict(eval=dict(metrics="fid", inception_weights="/no/such.npz")),
      "config.eval.inception_weights: /no/such.npz does not exist or is not a file."),
     (dict(eval=dict(metrics="bpd")), "config.eval.metrics='bpd' is not a comma-separated list of "
-     "fid, is, kid, digits: the metrics of evaluations in training (bpd: only `python -m "
+     "fid, is, kid, digits. It is the metrics of evaluations in training (bpd: only `python -m "
      "ddpm_jax.evaluate --metrics=bpd`)."),
 ])
 def test_relations_between_fields_are_refused_by_name(override, message):
@@ -166,11 +166,11 @@ def test_a_checkpoints_config_is_checked_for_what_sampling_reads():
         config_checks.check_config(config, program)
     config.model.ch = 48
     message = _one_line_error(config, "sample")
-    assert message == ("config.model.ch=48 is not an integer multiple of 32 >= 32: the UNet's "
-                       f"base width. {config_checks.CHECKPOINT_FIX}")
+    assert message == ("config.model.ch=48 is not an integer multiple of 32 >= 32. It is the "
+                       f"UNet's base width. {config_checks.CHECKPOINT_FIX}")
 
 
 def test_a_program_flag_is_checked_as_the_field_it_stands_for():
     config_checks.check_value("data.num_channels", 3, name="--num_channels")
-    with pytest.raises(ValueError, match=r"^--num_channels=2 is not one of 1, 3: 1 \(grayscale\)"):
+    with pytest.raises(ValueError, match=r"^--num_channels=2 is not one of 1, 3\. It is the"):
         config_checks.check_value("data.num_channels", 2, name="--num_channels")
