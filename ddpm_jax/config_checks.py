@@ -74,9 +74,9 @@ class Field:
                 noun += f" multiple of {self.multiple_of}"
             bounds = []
             if self.low is not None:
-                bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+                bounds.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
             if self.high is not None:
-                bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+                bounds.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
             text = noun + (" " + " and ".join(bounds) if bounds else "")
         return ("None or " if self.may_be_none else "") + text
 
@@ -129,6 +129,11 @@ class Field:
         if self.kind is tuple:
             values = [(int(v),) for v in values] + ([()] if self.non_empty else [])
         return values
+
+
+def _number(x: float) -> str:
+    """0 for 0.0, 9223372036854775807 for that int, 1e-08 for that float."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _is_int(value: Any) -> bool:
