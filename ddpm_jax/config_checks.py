@@ -206,8 +206,8 @@ FIELDS: tuple[Field, ...] = (
     Field("train.num_steps", int, "the number of training steps", low=0, read_by=TRAIN),
     Field("train.log_every", int, "the steps between log lines", low=1, read_by=TRAIN),
     Field("train.checkpoint_every", int, "the steps between checkpoints", low=1, read_by=TRAIN),
-    Field("train.keep_checkpoints", int, "the number of latest checkpoints kept", low=1,
-          read_by=TRAIN),
+    Field("train.keep_checkpoints", int, "the number of latest checkpoints kept (None: all)",
+          low=1, may_be_none=True, read_by=TRAIN),
     Field("train.keep_period", int, "the period of the checkpoints kept for good, in steps (0: "
           "none)", low=0, may_be_none=True, read_by=TRAIN),
     Field("train.sample_every", int, "the steps between sample grids (0: none)", low=0,
