@@ -57,7 +57,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import configs, generation, parallel, sampler_spec, training  # noqa: E402
+from ddpm_jax import config_checks, configs, generation, parallel, sampler_spec, training  # noqa: E402
 from ddpm_jax.models import unet_from_config  # noqa: E402
 
 import diffusers_equivalent  # noqa: E402  (beside this script)
@@ -399,7 +399,7 @@ def main(argv: list[str]) -> None:
     if modules:
         diffusers_equivalent.unet_config(config)  # refuses what diffusers cannot express, early
     parallel.split_cpu_into_devices(config.data.batch_size, _CPU_DEVICES.value)
-    training._validate(config)  # the trainer's checks: batch, clip_groups, steps_per_dispatch
+    config_checks.check_config(config, "train", device_count=jax.device_count())  # the trainer's
     load_before = os.getloadavg()
 
     entries = []  # (variant, build_train, build_sample)

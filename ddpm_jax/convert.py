@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax import config_checks
 from ddpm_jax.models.unet import NORM_EPS, NUM_GROUPS, unet_from_config
 
 PyTree = Any
@@ -97,8 +98,7 @@ _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias":
 # ----------------------------------------------------------------------------------------------
 def _refuse_layout(problems: list[str]) -> None:
     if problems:
-        raise ValueError("Not the DDPM UNet layout, refusing to convert:\n  "
-                         + "\n  ".join(problems))
+        raise ValueError("Not the DDPM UNet layout, refusing to convert: " + "; ".join(problems))
 
 
 def model_config_from_diffusers(
@@ -245,34 +245,53 @@ def convert_diffusers_state(
     )
     if problems:
         raise ValueError(f"The state dict does not match the DDPM UNet of this config "
-                         f"({len(problems)} problems), refusing to convert:\n  "
-                         + "\n  ".join(problems))
+                         f"({len(problems)} problems), refusing to convert: "
+                         + "; ".join(problems))
     return traverse_util.unflatten_dict(flat), model_config
 
 
 # ----------------------------------------------------------------------------------------------
 # Files and the full run config.
 # ----------------------------------------------------------------------------------------------
+def _read(file: Path, what: str, read: Callable[[Path], Any]) -> Any:
+    """``read(file)``; a damaged or foreign file is one ValueError line naming it."""
+    try:
+        return read(file)
+    except Exception as e:  # json, safetensors and torch raise many types here
+        raise ValueError(f"{file} is not a readable {what}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None
+
+
 def load_diffusers_model(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], Path]:
-    """(state dict as NumPy, config.json, model folder) of a saved UNet2DModel or pipeline."""
+    """(state dict as NumPy, config.json, model folder) of a saved UNet2DModel or pipeline, read
+    without pickle (safetensors, or torch's weights-only loader)."""
     path = Path(path)
     if not (path / "config.json").exists() and (path / "unet" / "config.json").exists():
         path = path / "unet"
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"No config.json in {path}: pass the folder of a saved "
                                 "diffusers UNet2DModel (or of a pipeline holding unet/).")
-    config = json.loads((path / "config.json").read_text())
+    config = _read(path / "config.json", "diffusers config (JSON)",
+                   lambda f: json.loads(f.read_text()))
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'} holds a {type(config).__name__}, not a "
+                         "diffusers config (a JSON object).")
     if (path / _SAFETENSORS).exists():
         from safetensors.numpy import load_file
 
-        return load_file(path / _SAFETENSORS), config, path
+        return _read(path / _SAFETENSORS, "safetensors file", load_file), config, path
     if (path / _TORCH_BIN).exists():
         try:
             import torch
         except ImportError as e:
             raise ImportError(f"{path / _TORCH_BIN} is a PyTorch pickle and reading it needs torch "
                               "(pip install torch), or convert it to safetensors first.") from e
-        state = torch.load(path / _TORCH_BIN, map_location="cpu", weights_only=True)
+        state = _read(path / _TORCH_BIN, "PyTorch state dict", lambda f: torch.load(
+            f, map_location="cpu", weights_only=True))
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                                  for v in state.values()):
+            raise ValueError(f"{path / _TORCH_BIN} holds a {type(state).__name__}, not a state "
+                             "dict of tensors.")
         return {k: v.float().numpy() for k, v in state.items()}, config, path
     raise FileNotFoundError(f"Neither {_SAFETENSORS} nor {_TORCH_BIN} in {path}.")
 
@@ -370,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sched = _scheduler_config(model_dir)
         settings = None if sched is None else settings_from_scheduler(sched)
         config = full_config(model_config, image_size, num_channels, settings)
+        config_checks.check_config(config, "sample", fix="")  # what sample and evaluate will read
         step_dir = checkpointing.save_params_checkpoint(args.out, params, config, step=0)
     except (ValueError, OSError, ImportError) as e:  # the user's input: a message, no traceback
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -30,7 +30,17 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from ddpm_jax import cache, cli, evaluation, generation, parallel, sampler_spec, summary
+from ddpm_jax import (
+    cache,
+    cli,
+    config_checks,
+    evaluation,
+    generation,
+    input_files,
+    parallel,
+    sampler_spec,
+    summary,
+)
 from ddpm_jax.models import unet_from_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluate its latest checkpoint.",
@@ -91,15 +101,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def _score_samples(scorer: evaluation.SampleScorer, path: Path) -> None:
-    import numpy as np
-
-    from ddpm_jax.metrics import reference
-
-    count, batches = reference.iter_npz_images(path, 1000)
-    with np.load(path) as f:
-        labels = f["labels"] if "labels" in f.files else None
-    if labels is not None and len(labels) != count:
-        raise ValueError(f"{path} has {count} images but {len(labels)} labels.")
+    samples = input_files.open_samples(path)
+    count, batches = samples.shapes["arr_0"][0], input_files.iter_rows(samples, "arr_0", 1000)
+    labels = samples.load("labels") if "labels" in samples.files else None
 
     def with_labels():
         start = 0
@@ -119,6 +123,8 @@ def _reference_only() -> None:
     if not parallel.initialize(_DISTRIBUTED.value):
         parallel.split_cpu_into_devices(_FEATURE_BATCH.value)  # a CPU: one device per core
     cache.enable_compilation_cache()
+    config_checks.check_value("data.image_size", _IMAGE_SIZE.value, name="--image_size")
+    config_checks.check_value("data.num_channels", _NUM_CHANNELS.value, name="--num_channels")
     data_config = ml_collections.ConfigDict(dict(
         dataset="", split="train", data_dir=_DATA_DIR.value, image_size=_IMAGE_SIZE.value,
         num_channels=_NUM_CHANNELS.value,
@@ -152,6 +158,7 @@ def main(argv: list[str]) -> None:
     metrics = evaluation.parse_metrics(_METRICS.value)  # a ValueError naming the choices
     if _SAMPLES.value is not None and not os.path.isfile(_SAMPLES.value):
         raise FileNotFoundError(f"--samples={_SAMPLES.value} does not exist.")
+    samples = None if _SAMPLES.value is None else input_files.open_samples(_SAMPLES.value)
     if "bpd" in metrics and not sources:
         raise app.UsageError("bpd needs a model: pass --workdir or --checkpoint.")
     if not parallel.initialize(_DISTRIBUTED.value):  # a CPU: one device per core dividing both
@@ -163,15 +170,11 @@ def main(argv: list[str]) -> None:
     params = config = step = None
     if sources:
         params, config, step = generation.load_checkpoint(sources[0].value)
+        config_checks.check_config(config, "evaluate")
     else:
         import ml_collections
 
-        import numpy as np
-
-        with np.load(_SAMPLES.value) as f:
-            if "arr_0" not in f.files:
-                raise app.UsageError(f"{_SAMPLES.value} has no 'arr_0' array of images.")
-            shape = f["arr_0"].shape
+        shape = samples.shapes["arr_0"]
         config = ml_collections.ConfigDict({"data": {
             "dataset": "", "split": "train", "image_size": shape[1], "num_channels": shape[-1]}})
         if any(m in metrics for m in ("fid", "kid")) and _REFERENCE.value is None:

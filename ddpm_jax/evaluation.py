@@ -351,20 +351,13 @@ def bits_per_dim_on_split(
 # Evaluation during training (config.eval).
 # ----------------------------------------------------------------------------------------------
 def training_eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-    """The trainer's evaluation settings from ``config.eval`` (None when it is off), checked at
-    start so that a bad setting fails before training, not hours into it."""
+    """The trainer's evaluation settings from ``config.eval`` (None when it is off); its fields
+    are checked at start (``config_checks``), before training, not hours into it."""
     eval_config = config.get("eval")
     if eval_config is None or not eval_config.get("every_steps"):
         return None
     metrics = parse_metrics(eval_config.metrics)
-    if "bpd" in metrics:
-        raise ValueError("config.eval.metrics: bpd is not evaluated during training; use "
-                         "`python -m ddpm_jax.evaluate --metrics=bpd`.")
     spec = sampler_spec.from_config(config, eval_config)  # the eval section over the sample's
-    if eval_config.num_samples <= 0 or eval_config.every_steps < 0:
-        raise ValueError("config.eval.num_samples must be positive and every_steps >= 0.")
-    if eval_config.batch_size < 1:  # one the devices do not divide is padded (make_generate_fn)
-        raise ValueError(f"config.eval.batch_size={eval_config.batch_size} must be positive.")
     return dict(metrics=metrics, spec=spec)
 
 

@@ -39,7 +39,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from ddpm_jax import checkpointing, diffusion, files, images, keys, parallel, sampler_spec, sampling
+from ddpm_jax import (
+    checkpointing,
+    diffusion,
+    files,
+    images,
+    input_files,
+    keys,
+    parallel,
+    sampler_spec,
+    sampling,
+)
 from ddpm_jax.models import unet_from_config
 
 PyTree = Any
@@ -202,8 +212,7 @@ def _missing_chunks(out: Path, num_chunks: int) -> list[int]:
 
 
 def _load_chunk(out: Path, chunk: int, key: str = "arr_0") -> np.ndarray:
-    with np.load(chunk_path(out, chunk)) as f:
-        return f[key]
+    return input_files.open_samples(chunk_path(out, chunk), "sample chunk").load(key)
 
 
 def _merge(out: Path, num_chunks: int, num_samples: int, conditional: bool) -> None:

@@ -151,6 +151,13 @@ def _check(builder: tfds.core.DatasetBuilder, data_config: ml_collections.Config
         )
 
 
+def check_dataset(data_config: ml_collections.ConfigDict) -> None:
+    """Prepares the dataset if it is not yet and checks it against ``data_config`` (the name, the
+    split, image size and channels, labels; a folder's every image header): what a run checks
+    at start, before it writes anything."""
+    _check(get_builder(data_config), data_config)
+
+
 def center_crop_resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """uint8 [H, W, C] -> uint8 [S, S, C]: the centered min(H, W) square, area-resized to S."""
     if image.shape[0] == image.shape[1] == image_size:

@@ -81,15 +81,6 @@ def split_cpu_into_devices(batch_size: int, count: int = -1) -> None:
     )
 
 
-def check_batch_size(batch_size: int, device_count: int) -> None:
-    """Raises ValueError unless the global batch splits evenly over `device_count` devices."""
-    if batch_size <= 0 or batch_size % device_count:
-        raise ValueError(
-            f"config.data.batch_size={batch_size} must be a positive multiple of the number of "
-            f"devices ({device_count}): every device gets the same share of the global batch."
-        )
-
-
 def make_data_mesh() -> Mesh:
     """The 1-D ('data',) mesh over every device of every process (topology-aware order)."""
     return jax.make_mesh(

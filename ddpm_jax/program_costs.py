@@ -408,9 +408,9 @@ def data_mesh(devices: Sequence[jax.Device]) -> Mesh:
 
 def train_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     """``python -m ddpm_jax.train``'s dispatch: ``multi_step`` on K global batches."""
-    from ddpm_jax import keys, parallel, training
+    from ddpm_jax import config_checks, keys, training
 
-    parallel.check_batch_size(config.data.batch_size, mesh.size)
+    config_checks.check_batch_size(config.data.batch_size, mesh.size)
     _, _, init, multi_step = training.make_jitted_training(config, mesh)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
     rng = keys.stream(config.seed, keys.TRAIN, keys.train_impl(config))

@@ -17,7 +17,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from ddpm_jax import cache, cli, generation, parallel, sampler_spec
+from ddpm_jax import cache, cli, config_checks, generation, parallel, sampler_spec
 
 PyTree = Any
 
@@ -82,6 +82,7 @@ def main(argv: list[str]) -> None:
         parallel.split_cpu_into_devices(_BATCH_SIZE.value)  # a CPU: one device per core
     cache.enable_compilation_cache()
     params, config, step = generation.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value)
+    config_checks.check_config(config, "sample")
     spec = sampler_spec.from_flags(config, labels=parse_labels(_LABELS.value))
     out = _OUT.value or generation.default_out(_WORKDIR.value, spec)
     logging.info("Checkpoint step %d: %s (%s).", step, spec.describe(), spec.to_json())

@@ -26,7 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import cache, cli, configs, evaluation, parallel, training
+from ddpm_jax import cache, cli, config_checks, configs, evaluation, parallel, training
 
 DEFAULT_CONFIG = configs.DIRECTORY / "mnist5k.py"
 
@@ -97,6 +97,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _quiet_orbax_info_logs()
+    # Every field but the device relations, which train_and_evaluate checks once devices exist.
+    config_checks.check_config(_CONFIG.value, "train")
     # Both must happen before anything touches the devices.
     if not parallel.initialize(_DISTRIBUTED.value):
         parallel.split_cpu_into_devices(_CONFIG.value.data.batch_size, _CPU_DEVICES.value)

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import (
     checkpointing,
+    config_checks,
     diffusion,
     evaluation,
     generation,
@@ -130,25 +131,6 @@ def create_train_state(
 # ----------------------------------------------------------------------------------------------
 # The train step.
 # ----------------------------------------------------------------------------------------------
-def check_clip_groups(groups: int, batch_size: int, device_count: int) -> None:
-    """Raises ValueError unless ``groups`` (config.optim.clip_groups) splits the batch evenly and
-    lays out over the devices: several whole groups per device, or one group over several."""
-    if groups < 1 or batch_size % groups:
-        raise ValueError(
-            f"config.optim.clip_groups={groups} must be >= 1 and divide config.data.batch_size="
-            f"{batch_size} (each group's gradient is clipped, then they are averaged)."
-        )
-    if groups > 1 and groups % device_count and device_count % groups:
-        choices = sorted(g for g in range(1, batch_size + 1) if batch_size % g == 0
-                         and (g % device_count == 0 or device_count % g == 0))
-        raise ValueError(
-            f"config.optim.clip_groups={groups} must be 1, a multiple or a divisor of the device "
-            f"count ({device_count}): each device clips its own groups' gradients, or a group "
-            f"spans whole devices. With config.data.batch_size={batch_size} these work: "
-            f"{', '.join(map(str, choices))}."
-        )
-
-
 def _clip(grads: PyTree, grad_clip: float) -> tuple[PyTree, jax.Array]:
     """(grads scaled to global norm at most ``grad_clip`` (no clipping when <= 0), their norm)."""
     norm = optax.tree.norm(grads)
@@ -183,7 +165,7 @@ def _group_clipped_grads(
     Then one mean over the devices, the same all-reduce as without groups.
     """
     devices = 1 if mesh is None else mesh.size
-    check_clip_groups(groups, batch[0].shape[0], devices)
+    config_checks.check_clip_groups(groups, batch[0].shape[0], devices)
     members = max(1, devices // groups)  # devices per group
     local_groups = max(1, groups // devices)  # groups per device
     axes = ("group", "member")
@@ -483,56 +465,6 @@ def grid_spec(config: ml_collections.ConfigDict) -> sampler_spec.SamplerSpec:
     return sampler_spec.from_config(config, labels="grid")
 
 
-def _validate(config: ml_collections.ConfigDict) -> None:
-    train = config.train
-    parallel.check_batch_size(config.data.batch_size, jax.device_count())
-    unet_from_config(config.model, config.data.num_channels)  # the model's own checks (remat, ...)
-    if train.num_steps < 0 or train.steps_per_dispatch < 1:
-        raise ValueError(
-            f"config.train.num_steps={train.num_steps} must be >= 0 and "
-            f"config.train.steps_per_dispatch={train.steps_per_dispatch} >= 1."
-        )
-    for name in ("log_every", "checkpoint_every"):
-        if train[name] < 1:
-            raise ValueError(f"config.train.{name}={train[name]} must be >= 1.")
-    if not 0.0 <= train.ema_decay < 1.0:
-        raise ValueError(f"config.train.ema_decay={train.ema_decay} must be in [0, 1).")
-    keys.train_impl(config)
-    k = train.steps_per_dispatch
-    eval_every = config.get("eval", {}).get("every_steps") or 0
-    boundaries = {"train.num_steps": train.num_steps, "train.log_every": train.log_every,
-                  "train.checkpoint_every": train.checkpoint_every,
-                  "train.sample_every": train.sample_every or 0, "eval.every_steps": eval_every}
-    unaligned = [f"config.{name}={value}" for name, value in boundaries.items() if value % k]
-    if unaligned:  # a shorter dispatch would compile the step a second time
-        raise ValueError(
-            f"config.train.steps_per_dispatch={k} must divide {', '.join(unaligned)}: every "
-            "dispatch runs the same number of steps, so the train step compiles once."
-        )
-    check_clip_groups(config.optim.get("clip_groups", 1), config.data.batch_size,
-                      jax.device_count())
-    if config.model.get("dtype") == "float16":
-        raise ValueError(
-            "config.model.dtype=float16 has no loss scaling here, so small gradients would "
-            "underflow to zero: use bfloat16 (same speed on TPUs and recent GPUs, float32's "
-            "range) or float32."
-        )
-    try:
-        if train.sample_every and config.sample.num_images < 1:  # a grid's batch is padded
-            raise ValueError(f"num_images={config.sample.num_images} must be positive.")
-        grid_spec(config)  # the grids' setting, whose guidance the evaluations share
-    except ValueError as e:
-        raise ValueError(f"config.sample: {e}") from None
-    num_classes, class_conditional = config.model.get("num_classes"), config.data.class_conditional
-    if (num_classes is not None) != bool(class_conditional):
-        raise ValueError(
-            f"config.model.num_classes={num_classes} and config.data.class_conditional="
-            f"{class_conditional} disagree: a class-conditional run sets both (e.g. num_classes=10 "
-            "and class_conditional=True), an unconditional one num_classes=None and "
-            "class_conditional=False."
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # The compiled pieces (shared with benchmarks/train_throughput.py).
 # ----------------------------------------------------------------------------------------------
@@ -622,7 +554,11 @@ def train_and_evaluate(
     """
     workdir = checkpointing.as_path(workdir)
     train_config = config.train
-    _validate(config)
+    config_checks.check_config(config, "train", device_count=jax.device_count(),
+                               process_count=jax.process_count())  # before anything is written
+    from ddpm_jax import input_pipeline  # TensorFlow: only for a run that reads data
+
+    input_pipeline.check_dataset(config.data)  # a bad dataset, split or image: before it too
     is_main = jax.process_index() == 0
     checkpointing.write_config(workdir, config)  # refuses an incompatible workdir
     mesh = parallel.make_data_mesh()
@@ -683,8 +619,6 @@ def train_and_evaluate(
         def save_checkpoint() -> None:
             check_finite(jax.device_get(acc))
             ckpt.save(step, state, force=True)
-
-        from ddpm_jax import input_pipeline  # TensorFlow: only for a run that reads data
 
         data = input_pipeline.create_dataset(config.data, seed=config.seed, start_step=step)
         acc = new_metrics()

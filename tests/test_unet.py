@@ -320,5 +320,5 @@ def test_remat_keeps_parameters_outputs_and_gradients(tiny):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     cfg = ml_collections.ConfigDict(dict(ch=32, ch_mult=[1], num_res_blocks=1, attn_resolutions=[],
                                          dropout=0.0, remat="everything"))
-    with pytest.raises(ValueError, match=r"remat='everything' \(config.model.remat\); use one of"):
+    with pytest.raises(ValueError, match=r"config.model.remat='everything' is not one of none, "):
         unet_from_config(cfg, num_channels=3)

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax import input_files
+
 INPUT_SIZE = 299
 NUM_LOGITS = 1008
 BN_EPS = 1e-3
@@ -349,7 +351,7 @@ def _refuse(what: str, problems: list[str]) -> None:
         listed = problems[:_MAX_LISTED]
         if len(problems) > _MAX_LISTED:
             listed.append(f"... and {len(problems) - _MAX_LISTED} more")
-        raise ValueError(f"{what} ({len(problems)} problems):\n  " + "\n  ".join(listed))
+        raise ValueError(f"{what} ({len(problems)} problems): " + "; ".join(listed))  # one line
 
 
 def variables_from_torch_state_dict(state: Mapping[str, np.ndarray]) -> dict:
@@ -389,12 +391,10 @@ def _variables_from_npz(flat: Mapping[str, np.ndarray]) -> dict:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except Exception as e:  # zipfile, zlib and NumPy raise many types here
-        raise ValueError(f"{path} is not a readable .npz file (damaged or not made by "
-                         f"{_CONVERT_COMMAND.format('PTH')}): {type(e).__name__}: {e}") from e
+    return input_files.read_npz(
+        path, ".npz file of FID Inception weights", {},
+        others=input_files.ArraySpec("finite float arrays", kinds="f", finite=True),
+        expected=f"the .npz file that {_CONVERT_COMMAND.format('PTH')} writes")
 
 
 def _read_pth(path: Path) -> dict[str, np.ndarray]:

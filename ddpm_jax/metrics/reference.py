@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import cache, files
+from ddpm_jax import cache, files, input_files
 from ddpm_jax.metrics import features as features_lib
 from ddpm_jax.metrics import statistics
 
 POOL_FEATURE = "2048"  # Inception pool3: the features of FID and KID
 FEATURES_SUFFIX = ".features.npy"
+FEATURES = input_files.ArraySpec("float [N, D] Inception pool features", kinds="f", ndim=2,
+                                 finite=True)
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,9 @@ class Reference:
 
 
 def _is_stats_file(path: str) -> bool:
-    with np.load(path) as f:
-        return "mu" in f.files and "sigma" in f.files
+    files = input_files.open_npz(path, "reference .npz", {}, expected=(
+        "statistics ('mu' [D], 'sigma' [D, D]) or images ('arr_0': uint8 [N, H, W, C])")).files
+    return "mu" in files and "sigma" in files
 
 
 def cache_path(source: str, image_size: int, convention: str, cache_dir: str | os.PathLike) -> Path:
@@ -66,29 +68,11 @@ def cache_path(source: str, image_size: int, convention: str, cache_dir: str | o
 def iter_npz_images(path: str | os.PathLike, batch_size: int, key: str = "arr_0") -> tuple[
     int, Iterator[np.ndarray]
 ]:
-    """(count, batches) of the uint8 [N, H, W, C] array ``key`` of an .npz, read ``batch_size``
-    rows at a time (50,000 256x256 images need not fit in memory)."""
-    zf = zipfile.ZipFile(path)
-    if f"{key}.npy" not in zf.namelist():
-        raise ValueError(f"{path} has no array {key!r}; it has {sorted(zf.namelist())}.")
-    member = zf.open(f"{key}.npy")
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                   (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(member)]
-    shape, fortran, dtype = read_header(member)
-    if dtype != np.uint8 or len(shape) != 4 or fortran or shape[-1] not in (1, 3):
-        raise ValueError(
-            f"{path}:{key} must be uint8 [N, H, W, C] images (C = 1 or 3), got {dtype} {shape}: "
-            "quantize samples to 8 bits as saved sample files are."
-        )
-    row = int(np.prod(shape[1:]))
-
-    def batches() -> Iterator[np.ndarray]:
-        with zf, member:
-            for start in range(0, shape[0], batch_size):
-                n = min(batch_size, shape[0] - start)
-                yield np.frombuffer(member.read(n * row), np.uint8).reshape(n, *shape[1:])
-
-    return shape[0], batches()
+    """(count, batches) of the uint8 [N, H, W, C] images ``key`` of an .npz, read ``batch_size``
+    rows at a time (50,000 256x256 images need not fit in memory); the file is checked first
+    (``input_files``)."""
+    npz = input_files.open_npz(path, "images .npz", {key: input_files.IMAGES})
+    return npz.shapes[key][0], input_files.iter_rows(npz, key, batch_size)
 
 
 def _source_images(
@@ -156,7 +140,7 @@ def load_reference(path: str | os.PathLike, *, need_features: bool = False) -> R
                 f"({features_path}): compute the reference from its images (a TFDS split, a "
                 "folder or an images .npz) instead of a statistics file, or drop kid."
             )
-        features = np.load(features_path)
+        features = input_files.read_npy(features_path, "KID features file", FEATURES)
     return Reference(mu, sigma, dict(metadata, source=metadata.get("source", str(path))), features)
 
 

@@ -16,7 +16,14 @@ import numpy as np
 import scipy.linalg
 from scipy.special import log_softmax, logsumexp
 
-from ddpm_jax import files
+from ddpm_jax import files, input_files
+
+# A statistics file (pytorch-fid's mu and sigma, and our 0-d metadata beside them).
+STATISTICS = {
+    "mu": input_files.ArraySpec("a float [D] mean of features", kinds="f", ndim=1, finite=True),
+    "sigma": input_files.ArraySpec("a float [D, D] covariance", kinds="f", ndim=2, finite=True),
+}
+METADATA = input_files.ArraySpec("metadata: a string or numbers", kinds="biufUS")
 
 
 def _real_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -142,23 +149,10 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, di
             f"No statistics file at {os.fspath(path)!r}; compute the reference statistics first or "
             "fix the path."
         )
-    data = np.load(path, allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{os.fspath(path)!r} holds a single .npy array, not an .npz archive.")
-    with data:
-        missing = {"mu", "sigma"} - set(data.files)
-        if missing:
-            raise ValueError(
-                f"{os.fspath(path)!r} lacks the key(s) {sorted(missing)}; a statistics file needs "
-                f"'mu' and 'sigma' (it has {sorted(data.files)})."
-            )
-        mu = data["mu"].astype(np.float64)
-        sigma = data["sigma"].astype(np.float64)
-        metadata = {
-            key: (data[key].item() if data[key].ndim == 0 else data[key])
-            for key in data.files
-            if key not in ("mu", "sigma")
-        }
+    data = input_files.read_npz(path, "statistics file", STATISTICS, others=METADATA)
+    mu = data.pop("mu").astype(np.float64)
+    sigma = data.pop("sigma").astype(np.float64)
+    metadata = {key: (value.item() if value.ndim == 0 else value) for key, value in data.items()}
     _check_statistics(mu, sigma, os.fspath(path))
     return mu, sigma, metadata
 

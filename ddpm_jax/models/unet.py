@@ -313,15 +313,11 @@ def unet_from_config(model_config: ml_collections.ConfigDict, num_channels: int)
     """The UNet of a `config.model` section with `num_channels` output channels (what they mean,
     ε, x_0 or v, is `config.diffusion.mean_type`). ``model.p_uncond`` > 0 (label dropout for
     classifier-free guidance) adds the "no class" embedding row."""
+    from ddpm_jax import config_checks  # here: config_checks imports this module
+
+    config_checks.check_model_fields(model_config)
     dtype_name = model_config.get("dtype", "float32")
-    if dtype_name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype={dtype_name!r}; use 'float32', 'bfloat16' or 'float16'.")
     p_uncond = model_config.get("p_uncond", 0.0)
-    if not 0.0 <= p_uncond < 1.0 or (p_uncond > 0 and model_config.get("num_classes") is None):
-        raise ValueError(
-            f"model.p_uncond={p_uncond} (the probability of dropping the label in training) must "
-            "be in [0, 1), and > 0 only for a class-conditional model (model.num_classes set)."
-        )
     return UNet(
         ch=model_config.ch,
         out_ch=num_channels,
