@@ -80,9 +80,9 @@ def _forward(x, scale, bias, num_groups, epsilon, swish):
 def _backward(num_groups, epsilon, swish, residuals, dout):
     del epsilon
     x, mean, rstd, scale, bias = residuals
-    # Without the barrier XLA may (it may use excess precision, xla_allow_excess_precision) take
-    # this upcast of the saved bf16 x to be the float32 value x was rounded from in the forward
-    # pass, and keep THAT for the backward pass: a float32 copy after all (seen on XLA:TPU).
+    # Without the barrier XLA:TPU replaced this upcast of the saved bfloat16 x by the unrounded
+    # float32 sum that x was rounded from in the forward pass, and kept that float32 array for
+    # the backward pass: a float32 copy after all (benchmarks/RESULTS.md, issue 21).
     xg = _grouped(jax.lax.optimization_barrier(x), num_groups)
     dy = dout.astype(jnp.float32)
     if swish:
