@@ -14,11 +14,14 @@ the library's own builders:
                     (``python -m ddpm_jax.evaluate``), with zero weights of the right shapes
 
 and reads, per device, ``memory_analysis()`` (argument, output, temporary bytes: on a TPU
-topology an out-of-memory there is one on the chip), ``cost_analysis()`` (FLOPs, HBM bytes
-accessed) and the collectives of the compiled HLO. XLA's cost analysis counts a loop's body
-once, whatever its trip count: the sampler's chain (one ``lax.scan``) therefore gives the figures
-of ONE network call, and a K-step dispatch those of one train step; the loops' known trip counts
-are read from the HLO to make that exact (``counted_calls``).
+topology an out-of-memory there is one on the chip), ``cost_analysis()`` (FLOPs, bytes accessed)
+and, from the compiled HLO, the collectives and the bytes each memory space is read and written
+(``memory_traffic``): XLA:TPU keeps many buffers in on-chip memory, whose traffic its "bytes
+accessed" includes, so the HBM figure of a TPU program is the device-memory share. XLA's cost
+analysis counts a loop's body once, whatever its trip count (checked on XLA:CPU and XLA:TPU: a
+scan of 2, 10 or 100 matmuls counts the FLOPs of one): the sampler's chain (one ``lax.scan``)
+therefore gives the figures of ONE network call, and a K-step dispatch those of one train step;
+the loops' known trip counts are read from the HLO to make that exact (``counted_calls``).
 
 From those counts and a chip's published peak bf16 FLOP/s and HBM bandwidth (``CHIPS``) comes a
 roofline BOUND on images/s (max of the compute and memory times): an upper bound, never a
@@ -105,7 +108,7 @@ _DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
                 "c64": 8, "c128": 16}
 # An instruction: "[ROOT] %name = <shape> <opcode>(<operands>)<attributes>".
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s*"
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s*"
                           r"(?P<op>[a-z][a-z0-9\-]*)\((?P<rest>.*)$")
 _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)"
@@ -252,6 +255,117 @@ def collectives(hlo_text: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Memory traffic per memory space in compiled HLO text.
+# ----------------------------------------------------------------------------------------------
+# An array in a shape: dtype[dims]{minor-to-major order:tiles and memory space}, e.g. on a TPU
+# "bf16[16,32,32,128]{3,0,2,1:T(8,128)(2,1)S(1)}" (tiled by 8x128 with pairs of rows packed, in
+# memory space 1). No ":" part (XLA:CPU, XLA:GPU): untiled, memory space 0.
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\](\{[^}]*\})?")
+_TILE = re.compile(r"T\(([\d,]+)\)(?:\((\d+),1\))?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+# Instructions that move no data of their own: the loop, call and tuple plumbing, views, and the
+# "-done" halves of asynchronous pairs (counted at their "-start").
+_NO_TRAFFIC = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
+               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier")
+_CONTROL_FLOW = re.compile(r"\b(?:body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+
+
+def _arrays(shape: str) -> list[tuple[int, int]]:
+    """(bytes, memory space) of each array of a shape text, its dims padded to its layout's tile
+    (a bf16 [16, 8, 8, 32] with 8x128 tiles on its two minor dims takes 4x its element bytes)."""
+    out = []
+    for dtype, dims, layout in _ARRAY.findall(shape):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        sizes = [int(d) for d in dims.split(",") if d]
+        order, _, attributes = layout.strip("{}").partition(":")
+        tile = _TILE.search(attributes)
+        minor_to_major = [int(i) for i in order.split(",") if i]
+        if tile and minor_to_major:
+            tile_sizes = [int(t) for t in tile[1].split(",")]
+            if tile[2] and len(tile_sizes) > 1:  # (k,1): k rows packed per tile row
+                tile_sizes[-2] *= int(tile[2])
+            for size, dim in zip(reversed(tile_sizes), minor_to_major):
+                sizes[dim] = -(-sizes[dim] // size) * size
+        space = _MEMORY_SPACE.search(attributes)
+        out.append((_DTYPE_BYTES[dtype] * int(np.prod(sizes)), int(space[1]) if space else 0))
+    return out
+
+
+def _instruction_traffic(op: str, shape: str, operand_shapes: list[str]) -> dict[int, int]:
+    """{memory space: bytes} an instruction reads (its operands) and writes (its result)."""
+    traffic: dict[int, int] = {}
+
+    def add(arrays: list[tuple[int, int]]) -> None:
+        for size, space in arrays:
+            traffic[space] = traffic.get(space, 0) + size
+
+    if op in _NO_TRAFFIC or op.endswith("-done"):
+        return traffic
+    if op == "slice-start":  # ((source), slice, context): reads the slice where the source is
+        (_, source_space), (size, space) = _arrays(shape)[:2]
+        add([(size, source_space), (size, space)])
+        return traffic
+    result = _arrays(shape)
+    if op.endswith("-start") and shape.startswith("("):  # (destination, source, context)
+        result = result[:1]
+    add(result)
+    for operand in operand_shapes:
+        add(_arrays(operand))
+    return traffic
+
+
+def memory_traffic(hlo_text: str) -> dict[int, int]:
+    """{memory space: bytes} read and written by the instructions of a compiled HLO module, each
+    counted as its operands plus its result (a fusion as one instruction), arrays padded to their
+    layout's tiles, over the entry and the computations it runs as loops and branches, each once
+    (as XLA's cost analysis counts a loop body). Space 0 is device memory (HBM); on a TPU, XLA's
+    memory-space assignment puts buffers in on-chip memory too (space 1), whose traffic XLA's
+    "bytes accessed" counts as well. An estimate: a fusion that reads part of an operand (a
+    slice of it) counts all of it."""
+    computations: dict[str, list[re.Match]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            words = line.split()
+            current = words[1 if words[0] == "ENTRY" else 0].lstrip("%")
+            entry = current if words[0] == "ENTRY" else entry
+            computations[current] = []
+        elif current is not None and (match := _INSTRUCTION.match(line)):
+            computations[current].append(match)
+    traffic: dict[int, int] = {}
+    seen, todo = set(), [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        shapes = {m["name"]: m["shape"] for m in computations[name]}
+        for m in computations[name]:
+            rest = m["rest"]
+            if m["op"] in ("while", "conditional", "call"):
+                todo += _CONTROL_FLOW.findall(rest)
+                todo += re.findall(r"\bto_apply=%?([\w.\-]+)", rest) if m["op"] == "call" else []
+                for group in _CALLED_LISTS.findall(rest):
+                    todo += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+            operands = re.findall(r"%([\w.\-]+)", _operand_list(rest))
+            for space, size in _instruction_traffic(
+                    m["op"], m["shape"], [shapes.get(o, "") for o in operands]).items():
+                traffic[space] = traffic.get(space, 0) + size
+    return traffic
+
+
+def _operand_list(rest: str) -> str:
+    """The operand list of an instruction: ``rest`` up to its closing parenthesis."""
+    depth = 1
+    for i, char in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return rest[:i]
+    return rest
+
+
+# ----------------------------------------------------------------------------------------------
 # The analytic FLOPs of the UNet.
 # ----------------------------------------------------------------------------------------------
 def unet_forward_flops(model_config: ml_collections.ConfigDict, image_size: int,
@@ -338,7 +452,12 @@ def analyse(compiled: Any, *, images_per_device: float, counted_calls_of: int = 
     per dispatch, in its main loop when it has one: the figures are divided by the number of
     them that XLA's cost analysis counted (``counted_calls`` = counted_calls_of / the main
     loop's trip count, 1 when the body holds one call) to give the cost of ONE call on
-    ``images_per_device`` images."""
+    ``images_per_device`` images.
+
+    HBM bytes: XLA's "bytes accessed" where the program uses one memory space (XLA:CPU,
+    XLA:GPU); on a TPU, whose compiler also places buffers in on-chip memory and counts that
+    traffic in "bytes accessed" (kept as ``bytes_accessed_per_call``), the memory-space-0 share
+    of ``memory_traffic``."""
     memory = compiled.memory_analysis()
     # What the device holds: arguments, outputs not aliased to arguments, temporaries and the
     # program itself; XLA's own peak (when it reports one) may count differently: take the larger.
@@ -348,12 +467,17 @@ def analyse(compiled: Any, *, images_per_device: float, counted_calls_of: int = 
     peak = max(getattr(memory, "peak_memory_in_bytes", 0), total)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    hlo = collectives(compiled.as_text())
+    text = compiled.as_text()
+    hlo = collectives(text)
     main_loop = hlo["loops"][0] if hlo["loops"] and hlo["loops"][0]["network_ops"] else None
     trip = main_loop["trip_count"] if main_loop else 1
     counted = counted_calls_of // trip if trip and counted_calls_of % trip == 0 else 1
     flops = float(cost.get("flops", 0.0)) / counted
-    hbm = float(cost.get("bytes accessed", 0.0)) / counted
+    accessed = float(cost.get("bytes accessed", 0.0)) / counted
+    # XLA's "bytes accessed" counts every memory space; where the HLO places buffers in several
+    # (a TPU's on-chip memory is space 1), device memory's share is read from the HLO.
+    traffic = {space: size / counted for space, size in memory_traffic(text).items()}
+    hbm = traffic.get(0, 0.0) if set(traffic) - {0} else accessed
     out = {
         "memory": {
             "argument_bytes": memory.argument_size_in_bytes,
@@ -368,6 +492,8 @@ def analyse(compiled: Any, *, images_per_device: float, counted_calls_of: int = 
         "counted_calls": counted,
         "flops_per_call": flops,
         "hbm_bytes_per_call": hbm,
+        "bytes_accessed_per_call": accessed,
+        "traffic_by_memory_space_per_call": {str(k): v for k, v in sorted(traffic.items())},
         "transcendentals_per_call": float(cost.get("transcendentals", 0.0)) / counted,
         "images_per_device": images_per_device,
         "flops_per_image": flops / images_per_device,
@@ -678,9 +804,13 @@ def format_program(result: dict[str, Any]) -> str:
         f"temporaries {_gib(mem['temp_bytes'])}, code {_gib(mem['generated_code_bytes'])}; "
         f"total {_gib(mem['total_bytes'])}, XLA's peak {_gib(mem['xla_peak_bytes'] or 0)}"
         f"{fits}")
+    accessed = result.get("bytes_accessed_per_call", result["hbm_bytes_per_call"])
+    spaces = ("" if accessed == result["hbm_bytes_per_call"] else
+              f" (memory space 0 of the HLO; XLA's bytes accessed, all memory spaces: "
+              f"{_size(accessed)})")
     lines.append(
         f"  per {call:<10}{result['flops_per_call'] / 1e9:.4g} GFLOP, "
-        f"{_size(result['hbm_bytes_per_call'])} HBM accessed per device "
+        f"{_size(result['hbm_bytes_per_call'])} HBM accessed per device{spaces} "
         f"(XLA counted {result['counted_calls']} of {result['calls_per_dispatch']} per dispatch)")
     analytic = result.get("analytic_flops_per_image")
     per_image = f"  per image     {result['flops_per_image'] / 1e9:.4g} GFLOP"
@@ -733,7 +863,7 @@ def format_header(meta: dict[str, Any], config_name: str) -> str:
 
 MARKDOWN_HEADER = (
     "| date | devices | jax / libtpu | config | dtype, remat | batch (per device) | program | "
-    "GFLOP/image compiled (analytic) | HBM MB/image | args / temps / peak GiB per device "
+    "GFLOP/image compiled (analytic) | HBM MB/image (XLA's bytes accessed) | args / temps / peak GiB per device "
     "(headroom) | collectives per step or call | roofline BOUND images/s | compile s |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
@@ -757,11 +887,13 @@ def markdown_row(report_json: dict[str, Any], result: dict[str, Any]) -> str:
     bound_text = f"{bound:,.1f} ({roof['bound_by']})" if bound else "-"
     if result["program"].startswith("sample") and bound:
         bound_text += f", {result['calls_per_dispatch']}-step chain"
+    images = result["images_per_device"]
     cells = [
         meta["date"], devices, versions, report_json["config"],
         f"{meta['dtype']}, {meta['remat'] or 'no remat'}",
         f"{result['images_per_call']} ({result['images_per_device']:g})",
-        result["program"], flops, f"{result['hbm_bytes_per_image'] / 1e6:.4g}",
+        result["program"], flops, f"{result['hbm_bytes_per_image'] / 1e6:.4g} ("
+        f"{result.get('bytes_accessed_per_call', result['hbm_bytes_per_call']) / images / 1e6:.4g})",
         f"{mem['argument_bytes'] / GiB:.2f} / {mem['temp_bytes'] / GiB:.2f} / "
         f"{mem['peak_bytes'] / GiB:.2f}{headroom}",
         coll, bound_text, f"{result['compile_s']:.0f}",

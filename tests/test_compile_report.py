@@ -168,6 +168,63 @@ def test_collectives_are_counted_once_per_op_with_loop_bodies_apart():
                               "all-to-all": 0, "collective-permute": 1}  # nested loop included
 
 
+_TPU_HLO = """\
+HloModule test, is_scheduled=true
+
+%fused (a: f32[8,128], b: bf16[4,32]) -> bf16[4,32] {
+  %a = f32[8,128]{1,0:T(8,128)S(1)} parameter(0)
+  %b = bf16[4,32]{1,0:T(8,128)(2,1)} parameter(1)
+  %big = f32[1000,1000]{1,0} broadcast(%a), dimensions={}
+  ROOT %c = bf16[4,32]{1,0:T(8,128)(2,1)} convert(%a)
+}
+
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[]{:T(128)}, f32[256]{0:T(256)}) parameter(0)
+  %x = f32[256]{0:T(256)} get-tuple-element(%p), index=1
+  %y = f32[256]{0:T(256)} add(%x, %x)
+  ROOT %t = (s32[]{:T(128)}, f32[256]{0:T(256)}) tuple(%i, %y)
+}
+
+%cond (p: (s32[], f32[256])) -> pred[] {
+  %p = (s32[]{:T(128)}, f32[256]{0:T(256)}) parameter(0)
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[8,128], w: bf16[4,32], s: f32[64,128]) -> bf16[4,32] {
+  %x = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %w = bf16[4,32]{1,0:T(8,128)(2,1)} parameter(1)
+  %s = f32[64,128]{1,0:T(8,128)} parameter(2)
+  %cs = (f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%x)
+  %cd = f32[8,128]{1,0:T(8,128)S(1)} copy-done(%cs)
+  %ss = ((f32[64,128]{1,0:T(8,128)}), f32[16,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%s), slice={[0:16], [0:128]}
+  %sd = f32[16,128]{1,0:T(8,128)S(1)} slice-done(%ss)
+  %f = bf16[4,32]{1,0:T(8,128)(2,1)} fusion(%cd, %w), kind=kLoop, calls=%fused
+  %loop = (s32[]{:T(128)}, f32[256]{0:T(256)}) while(%tuple), condition=%cond, body=%body
+  ROOT %r = bf16[4,32]{1,0:T(8,128)(2,1)} copy(%f)
+}
+"""
+
+
+def test_memory_traffic_counts_each_memory_space_with_tiles_padded():
+    tile_f32, tile_bf16 = 8 * 128 * 4, 16 * 128 * 2  # bf16 [4,32] pads to a packed 16x128 tile
+    hbm = (tile_f32  # the copy-start reads x from HBM (and writes on-chip memory)
+           + 16 * 128 * 4  # the slice-start reads its 16 rows of s, not all 64
+           + tile_bf16 * 2  # the fusion reads w, writes its result
+           + 256 * 4 * 3  # the loop body's add, counted once (as XLA's cost analysis does)
+           + 1  # the loop condition's pred[]
+           + tile_bf16 * 2)  # the copy
+    on_chip = tile_f32 + 16 * 128 * 4 + tile_f32  # copy and slice destinations; the fusion's read
+    assert program_costs.memory_traffic(_TPU_HLO) == {0: hbm, 1: on_chip}
+
+
+def test_memory_traffic_matches_xlas_bytes_accessed_where_there_is_one_memory_space(tiny_report):
+    train = tiny_report["train"]  # XLA:CPU: no memory spaces, no tiles
+    assert set(train["traffic_by_memory_space_per_call"]) == {"0"}
+    assert train["hbm_bytes_per_call"] == train["bytes_accessed_per_call"]
+    assert train["traffic_by_memory_space_per_call"]["0"] == pytest.approx(
+        train["bytes_accessed_per_call"], rel=0.02)
+
+
 def test_chips_and_the_roofline_bound():
     def chip(kind):
         return program_costs.chip_of(SimpleNamespace(device_kind=kind))

@@ -9,18 +9,20 @@ The rest is _default.py's (the CIFAR-10 setting). Not a runnable config itself.
 
 Memory: compiled for 8 TPU v5e chips at batch 64 (float32, clip_groups 8, before the per-device
 clipping and GroupNorm changes; measured for issue 21): 1.70 GiB of arguments and 7.95 GiB of
-temporaries per 16 GiB chip, 1,484 GFLOP and 15 GB of HBM traffic per image. Not yet compiled
-with today's code: `benchmarks/compile_matrix.sh blocks` does it.
+temporaries per 16 GiB chip, 1,484 GFLOP and 15 GB per image of XLA's "bytes accessed" (on a
+TPU that also counts on-chip memory traffic: the HBM share, which the compile report now prints,
+was 20-25% of it for the CIFAR-10 step; see cifar10.py). Not yet compiled with today's code:
+`benchmarks/compile_matrix.sh blocks` does it.
 
 Steps per dispatch: 25. The 114M-parameter state has 1,804 leaves; a dispatch of CIFAR-10's
 1,316 cost the host at most 12.3 ms (best of 30 on a loaded 2-core VM split into 8 devices,
 benchmarks/dispatch_time.py; this state's replicas do not fit that VM's memory 8 times), so
 about 17 ms here, scaled by leaves (on 2 devices: 16.9 ms median, 12.2 best). A device step at
 8 images per device: ~42 ms on 8 H100s if they reach the CIFAR-10 goal's FLOP rate (8,000
-images/s of 35.4 GFLOP; 1,484 GFLOP per image here, from the v5e compile), ~146 ms on a v5e
-(15 GB of HBM traffic per image at 819 GB/s, a bound). 25 steps keep the host under 2% of
-either (1.6%, 0.5%) and divide every boundary; a dispatch's batches take 1.3 GB of host memory
-(157 MB per device), and a SIGTERM is answered after at most 25 steps (1-4 s). On a CPU use
+images/s of 35.4 GFLOP; 1,484 GFLOP per image here, from the v5e compile), at least 60 ms on a
+v5e (8 images of 1,484 GFLOP at peak bf16; the 146 ms given before came from all-memory-space
+traffic). 25 steps keep the host under 2% of either (1.6%, 1.1%) and divide every boundary; a
+dispatch's batches take 1.3 GB of host memory (157 MB per device), and a SIGTERM is answered after at most 25 steps (1-4 s). On a CPU use
 --config.train.steps_per_dispatch=1.
 """
 

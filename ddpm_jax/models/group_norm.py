@@ -10,7 +10,8 @@ elements of the group:
 All of it is computed in float32 whatever x's dtype (bfloat16 inputs are upcast inside the op), and
 the result is returned in x's dtype. Autodiff through the upcast would save a float32 copy of x for
 the backward pass; the custom VJP here saves x itself (e.g. bfloat16) and the [B, G] statistics μ
-and r, and recomputes x̂ (and y, sigmoid(y)) in float32 in the backward pass:
+and r, and recomputes x̂ (and y, sigmoid(y)) in float32 in the backward pass (behind an
+optimization barrier, so that the compiler cannot swap the saved x for an unrounded float32 one):
 
     ∂β = Σ_{b,...} dy,   ∂γ = Σ_{b,...} dy·x̂,   dx = r·(g - mean(g) - x̂·mean(g·x̂)),  g = dy·γ,
     with dy = dout·s·(1 + y·(1 - s)), s = sigmoid(y), when swish is fused.
@@ -79,7 +80,10 @@ def _forward(x, scale, bias, num_groups, epsilon, swish):
 def _backward(num_groups, epsilon, swish, residuals, dout):
     del epsilon
     x, mean, rstd, scale, bias = residuals
-    xg = _grouped(x, num_groups)
+    # Without the barrier XLA:TPU replaced this upcast of the saved bfloat16 x by the unrounded
+    # float32 sum that x was rounded from in the forward pass, and kept that float32 array for
+    # the backward pass: a float32 copy after all (benchmarks/RESULTS.md, issue 21).
+    xg = _grouped(jax.lax.optimization_barrier(x), num_groups)
     dy = dout.astype(jnp.float32)
     if swish:
         y = _affine(xg, mean, rstd, scale, bias)
