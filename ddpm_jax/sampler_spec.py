@@ -25,7 +25,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from ddpm_jax import sampling
+from ddpm_jax import diffusion, sampling
 
 Labels = str | tuple[int, ...]
 LABELS = ("random", "grid", "none")
@@ -107,14 +107,18 @@ class SamplerSpec:
                     clip_denoised=self.clip_denoised, **dict(self.options))
 
     def check_against(self, config: ml_collections.ConfigDict) -> None:
-        """Raise ValueError unless this spec can sample the model of ``config``: the schedule's
-        length, and the labels and guidance its classes take (model.num_classes and the "no
-        class" embedding of label dropout, model.p_uncond > 0)."""
+        """Raise ValueError unless this spec can sample the model of ``config``: the schedule
+        (its length, and what only its tables reveal, e.g. a log-SNR spacing of DPM-Solver++
+        that would repeat timesteps: ``sampling.make_chain``), and the labels and guidance its
+        classes take (model.num_classes and the "no class" embedding of label dropout,
+        model.p_uncond > 0)."""
         if self.num_timesteps != config.diffusion.num_timesteps:
             raise ValueError(
                 f"This sampling setting is for a schedule of num_timesteps={self.num_timesteps}; "
                 f"the model's has config.diffusion.num_timesteps={config.diffusion.num_timesteps}."
             )
+        sampling.make_chain(diffusion.schedule_from_config(config.diffusion),
+                            mean_type=config.diffusion.mean_type, **self.chain_kwargs())
         num_classes, p_uncond = config.model.get("num_classes"), config.model.get("p_uncond", 0.0)
         if isinstance(self.labels, tuple) and any(
                 not 0 <= k < (num_classes or 0) for k in self.labels):
