@@ -228,8 +228,8 @@ OPTIONS = {
     ),
     "spacing": Option(
         str, "time", lambda s: s in dpm_solver.SPACINGS, " or ".join(dpm_solver.SPACINGS),
-        "DPM-Solver++ timesteps: evenly spaced in time, or in log-SNR (fewer distinct timesteps:"
-        " at most 38 steps on the linear 1000-step schedule)",
+        "DPM-Solver++ timesteps: evenly spaced in time, or in log-SNR, which allows fewer steps "
+        "(at most 38 on the linear 1000-step schedule)",
     ),
 }
 _SOLVER_OPTIONS = ("order", "spacing")
