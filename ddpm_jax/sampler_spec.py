@@ -195,16 +195,18 @@ class SamplerSpec:
     # ------------------------------------------------------------------------------------------
     # JSON.
     # ------------------------------------------------------------------------------------------
-    def _all_options(self) -> dict[str, Any]:
-        return {name: self.option(name) for name in sampling.OPTIONS}
+    def _recorded_options(self) -> dict[str, Any]:
+        own = dict(self.options)
+        return {name: self.option(name) for name, option in sampling.OPTIONS.items()
+                if option.recorded or name in own}
 
     def to_json(self) -> dict[str, Any]:
-        """The setting as ``sampling.json`` records it: sampler, num_steps (None: all T), every
-        option of ``sampling.OPTIONS`` (those the sampler does not take at their defaults),
+        """The setting as ``sampling.json`` records it: sampler, num_steps (None: all T), the
+        sampler's options and the ``recorded`` ones of ``sampling.OPTIONS`` (at their defaults),
         labels (a name or a list of classes), guidance, guidance_interval (a list or None),
         clip_denoised, var_type."""
         return dict(
-            sampler=self.sampler, num_steps=self.num_steps, **self._all_options(),
+            sampler=self.sampler, num_steps=self.num_steps, **self._recorded_options(),
             labels=self.labels if isinstance(self.labels, str) else list(self.labels),
             guidance=self.guidance,
             guidance_interval=list(self.guidance_interval) if self.guidance_interval else None,
@@ -222,8 +224,8 @@ class SamplerSpec:
 
     def summary(self) -> dict[str, Any]:
         """The sampling part of a results record: sampler, num_steps (the chain's, T for all),
-        every option of ``sampling.OPTIONS``, guidance, guidance_interval."""
-        return dict(sampler=self.sampler, num_steps=self.steps, **self._all_options(),
+        the options ``to_json`` writes, guidance, guidance_interval."""
+        return dict(sampler=self.sampler, num_steps=self.steps, **self._recorded_options(),
                     guidance=self.guidance, guidance_interval=self.guidance_interval)
 
     @classmethod
@@ -240,9 +242,10 @@ class SamplerSpec:
 
 
 def summary_keys() -> tuple[str, ...]:
-    """The keys ``SamplerSpec.summary()`` writes (None in the record of a figure that sampled
-    nothing)."""
-    return ("sampler", "num_steps", *sampling.OPTIONS, "guidance", "guidance_interval")
+    """The keys every ``SamplerSpec.summary()`` writes, a sampler's own options aside (None in
+    the record of a figure that sampled nothing)."""
+    recorded = [name for name, option in sampling.OPTIONS.items() if option.recorded]
+    return ("sampler", "num_steps", *recorded, "guidance", "guidance_interval")
 
 
 # ----------------------------------------------------------------------------------------------

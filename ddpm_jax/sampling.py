@@ -142,7 +142,9 @@ class Option:
     """A sampler option (a keyword of ``sample``, a field of ``SamplerSpec``, a flag of the sample
     and evaluate programs, a config field). ``default`` is the value a sampler that does not take
     the option holds it at (where it has no effect): only that value may be given to such a
-    sampler. ``in_name``: the value is part of the setting's directory name and description."""
+    sampler. ``in_name``: the value is part of the setting's directory name and description.
+    ``recorded``: every ``sampling.json`` and results record holds it, at its default where the
+    sampler does not take it; other options are recorded by the samplers that take them only."""
 
     kind: type  # float, int, str or bool
     default: Any
@@ -150,6 +152,7 @@ class Option:
     allowed_text: str  # what ``allowed`` accepts, for the error message
     help: str
     in_name: bool = True
+    recorded: bool = False
 
 
 class Chain(NamedTuple):
@@ -219,7 +222,7 @@ OPTIONS = {
     "eta": Option(
         float, 0.0, lambda eta: eta >= 0, ">= 0",
         "DDIM eta: 0 deterministic, 1 ancestral sampling with fixedsmall variance",
-        in_name=False,  # directories and figures have not named it
+        in_name=False, recorded=True,  # as directories, files and records always had it
     ),
     "order": Option(
         int, 2, lambda k: k in dpm_solver.ORDERS, "1, 2 or 3 (the SDE: 1 or 2)",

@@ -107,12 +107,12 @@ def test_flags_and_config_fields_follow_the_declared_options():
 # Validation: one ValueError naming the field, the value and what is allowed.
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, message", [
-    (dict(sampler="euler"), "Unknown sampler 'euler'; choose one of ddpm, ddim."),
+    (dict(sampler="euler"), "Unknown sampler 'euler'; choose one of ddpm, ddim, dpm++, dpm++sde."),
     (dict(sampler="ddim", options={"eta": -1}), "eta=-1.0 is invalid for sampler 'ddim': eta "
      "must be >= 0"),
     (dict(options={"eta": 1}), "eta=1.0 is invalid for sampler 'ddpm', which takes no options: "
      "eta is only used by the 'ddim' sampler"),
-    (dict(options={"order": 2}), "Unknown sampler option order"),
+    (dict(options={"stages": 2}), "Unknown sampler option stages"),
     (dict(sampler="ddim", options={"eta": "1"}), "eta='1' is invalid: eta is a float, >= 0"),
     (dict(num_steps=0), "num_steps must be an integer in [1, 1000]"),
     (dict(num_steps=1001), "num_steps must be an integer in [1, 1000]"),
@@ -205,20 +205,22 @@ def test_sampling_json_of_earlier_versions():
 
 
 def test_results_record_keeps_its_keys():
-    """A results record's protocol: the keys of the code before SamplerSpec and the options
-    declared since (DPM-Solver++'s order and spacing, at their inert defaults for DDIM), None
-    when the figure sampled nothing (bits/dim)."""
+    """A results record's protocol: the keys of the code before SamplerSpec, a sampler's own
+    options declared since (DPM-Solver++'s) only in its records, None when the figure sampled
+    nothing (bits/dim)."""
     spec = SamplerSpec(1000, sampler="ddim", num_steps=2)
     record = evaluation.Protocol(num_samples=10, spec=spec, checkpoint_step=5).to_json()
-    assert record == dict(num_samples=10, sampler="ddim", num_steps=2, eta=0.0, order=2,
-                          spacing="time", guidance=0.0, guidance_interval=None, checkpoint_step=5,
-                          convention=None, reference=None, reference_images=None)
-    old = {k: v for k, v in record.items() if k not in ("order", "spacing")}
-    assert evaluation.Protocol.from_json(old).spec == SamplerSpec(None, sampler="ddim",
-                                                                  num_steps=2)
+    assert record == dict(num_samples=10, sampler="ddim", num_steps=2, eta=0.0, guidance=0.0,
+                          guidance_interval=None, checkpoint_step=5, convention=None,
+                          reference=None, reference_images=None)
+    solver = SamplerSpec(1000, sampler="dpm++", num_steps=20, options={"order": 3})
+    record = evaluation.Protocol(num_samples=10, spec=solver, checkpoint_step=5).to_json()
+    assert (record["eta"], record["order"], record["spacing"]) == (0.0, 3, "time")
+    assert evaluation.Protocol.from_json(record).spec == dataclasses.replace(
+        solver, num_timesteps=None)
     bpd = evaluation.Protocol(num_samples=10, reference="mnist5k:test").to_json()
     assert {k: bpd[k] for k in sampler_spec.summary_keys()} == dict.fromkeys(
-        ("sampler", "num_steps", "eta", "order", "spacing", "guidance", "guidance_interval"))
+        ("sampler", "num_steps", "eta", "guidance", "guidance_interval"))
     assert evaluation.Protocol.from_json(bpd).spec is None
 
 
