@@ -23,7 +23,7 @@ must be concrete); pass params as an argument so they are not baked into the pro
 
 The samplers and their options are declared in ``SAMPLERS`` and ``OPTIONS``: the sampling settings
 (``sampler_spec.SamplerSpec``), the programs' flags and the configs' fields follow from them, so a
-new sampler is its step function and one entry in each table.
+new sampler is its step function (a multistep solver: its ``Chain``) and one entry in each table.
 """
 
 from __future__ import annotations
@@ -158,14 +158,13 @@ class Option:
 class Chain(NamedTuple):
     """A sampler's chain on one concrete schedule, built before anything is traced
     (``make_chain``). Chain index i (``n - 1`` down to 0, step j = n - 1 - i) calls the model at
-    the original timestep ``timesteps[i]`` (ascending) and reads ``sched``, the schedule respaced
-    to them, at i. ``step(model_output, x, i, j, noise, state) -> (x_{i-1}, pred_x0, state)``
-    (i int32 [B], j a scalar); ``init(x_T)`` is the first ``state`` (the carry a multistep
-    sampler keeps: () for a one-step sampler); ``noisy``: whether the step takes noise (else it
-    gets None and none is drawn)."""
+    the original timestep ``timesteps[i]`` (ascending);
+    ``step(model_output, x, i, j, noise, state) -> (x_{i-1}, pred_x0, state)`` (i int32 [B], the
+    index into the schedule respaced to ``timesteps``; j a scalar); ``init(x_T)`` is the first
+    ``state`` (the carry a multistep sampler keeps: () for a one-step sampler); ``noisy``:
+    whether the step takes noise (else it gets None and none is drawn)."""
 
     timesteps: np.ndarray
-    sched: diffusion.Schedule
     step: Callable[..., tuple[jax.Array, jax.Array, Any]]
     init: Callable[[jax.Array], Any]
     noisy: bool
@@ -195,7 +194,7 @@ def _solver_chain(
     timesteps: each step turns the model output into x̂_0 as the other samplers do (on the
     schedule respaced to the solver's timesteps, clipped with ``clip_denoised``) and applies the
     solver's affine update to x and the history of x̂_0 it carries. ``var_type`` has no meaning
-    here (the ODE has no variance; the SDE's noise comes from the schedule) and is ignored."""
+    here (the ODE adds no noise; the SDE's noise scale follows from λ) and is ignored."""
     del var_type
     tables = dpm_solver.make_tables(sched, num_steps, order=order, spacing=spacing, sde=sde)
     timesteps = tables.timesteps[::-1]
@@ -206,7 +205,7 @@ def _solver_chain(
         x_next, history = dpm_solver.step(tables, j, x, pred_x0, history, noise)
         return x_next, pred_x0, history
 
-    return Chain(timesteps, chain_sched, step, lambda x: dpm_solver.init_history(tables, x), sde)
+    return Chain(timesteps, step, lambda x: dpm_solver.init_history(tables, x), sde)
 
 
 def _check_solver(num_timesteps: int | None, num_steps: int | None, *, sde: bool = False,
@@ -344,7 +343,7 @@ def make_chain(
         del j
         return (*one_step(model_output, x, i, noise), state)
 
-    return Chain(timesteps, sched, step, lambda x: (), noisy=True)
+    return Chain(timesteps, step, lambda x: (), noisy=True)
 
 
 def sample(
