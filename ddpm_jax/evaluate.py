@@ -182,6 +182,8 @@ def main(argv: list[str]) -> None:
 
     results: list[tuple[dict[str, float], evaluation.Protocol]] = []
     sample_metrics = [m for m in metrics if m in evaluation.SAMPLE_METRICS]
+    # The sampling setting's errors come before the metric's reference is computed or cached.
+    spec = sampler_spec.from_flags(config) if sample_metrics and _SAMPLES.value is None else None
     if sample_metrics:
         scorer = evaluation.SampleScorer(
             sample_metrics, config.data, mesh, convention=_CONVENTION.value,
@@ -189,9 +191,8 @@ def main(argv: list[str]) -> None:
             feature_batch_size=_FEATURE_BATCH.value, cache_dir=_CACHE_DIR.value,
         )
         if _SAMPLES.value is not None:
-            samples_path, spec = Path(_SAMPLES.value), None
+            samples_path = Path(_SAMPLES.value)
         else:
-            spec = sampler_spec.from_flags(config)
             out = _OUT.value or generation.default_out(_WORKDIR.value, spec)
             samples_path = generation.generate_samples(
                 params, config, out, spec, num_samples=_NUM_SAMPLES.value,

@@ -25,7 +25,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from ddpm_jax import sampling
+from ddpm_jax import diffusion, sampling
 
 Labels = str | tuple[int, ...]
 LABELS = ("random", "grid", "none")
@@ -107,14 +107,18 @@ class SamplerSpec:
                     clip_denoised=self.clip_denoised, **dict(self.options))
 
     def check_against(self, config: ml_collections.ConfigDict) -> None:
-        """Raise ValueError unless this spec can sample the model of ``config``: the schedule's
-        length, and the labels and guidance its classes take (model.num_classes and the "no
-        class" embedding of label dropout, model.p_uncond > 0)."""
+        """Raise ValueError unless this spec can sample the model of ``config``: the schedule
+        (its length, and what only its tables reveal, e.g. a log-SNR spacing of DPM-Solver++
+        that would repeat timesteps: ``sampling.make_chain``), and the labels and guidance its
+        classes take (model.num_classes and the "no class" embedding of label dropout,
+        model.p_uncond > 0)."""
         if self.num_timesteps != config.diffusion.num_timesteps:
             raise ValueError(
                 f"This sampling setting is for a schedule of num_timesteps={self.num_timesteps}; "
                 f"the model's has config.diffusion.num_timesteps={config.diffusion.num_timesteps}."
             )
+        sampling.make_chain(diffusion.schedule_from_config(config.diffusion),
+                            mean_type=config.diffusion.mean_type, **self.chain_kwargs())
         num_classes, p_uncond = config.model.get("num_classes"), config.model.get("p_uncond", 0.0)
         if isinstance(self.labels, tuple) and any(
                 not 0 <= k < (num_classes or 0) for k in self.labels):
@@ -191,16 +195,18 @@ class SamplerSpec:
     # ------------------------------------------------------------------------------------------
     # JSON.
     # ------------------------------------------------------------------------------------------
-    def _all_options(self) -> dict[str, Any]:
-        return {name: self.option(name) for name in sampling.OPTIONS}
+    def _recorded_options(self) -> dict[str, Any]:
+        own = dict(self.options)
+        return {name: self.option(name) for name, option in sampling.OPTIONS.items()
+                if option.recorded or name in own}
 
     def to_json(self) -> dict[str, Any]:
-        """The setting as ``sampling.json`` records it: sampler, num_steps (None: all T), every
-        option of ``sampling.OPTIONS`` (those the sampler does not take at their defaults),
+        """The setting as ``sampling.json`` records it: sampler, num_steps (None: all T), the
+        sampler's options and the ``recorded`` ones of ``sampling.OPTIONS`` (at their defaults),
         labels (a name or a list of classes), guidance, guidance_interval (a list or None),
         clip_denoised, var_type."""
         return dict(
-            sampler=self.sampler, num_steps=self.num_steps, **self._all_options(),
+            sampler=self.sampler, num_steps=self.num_steps, **self._recorded_options(),
             labels=self.labels if isinstance(self.labels, str) else list(self.labels),
             guidance=self.guidance,
             guidance_interval=list(self.guidance_interval) if self.guidance_interval else None,
@@ -218,8 +224,8 @@ class SamplerSpec:
 
     def summary(self) -> dict[str, Any]:
         """The sampling part of a results record: sampler, num_steps (the chain's, T for all),
-        every option of ``sampling.OPTIONS``, guidance, guidance_interval."""
-        return dict(sampler=self.sampler, num_steps=self.steps, **self._all_options(),
+        the options ``to_json`` writes, guidance, guidance_interval."""
+        return dict(sampler=self.sampler, num_steps=self.steps, **self._recorded_options(),
                     guidance=self.guidance, guidance_interval=self.guidance_interval)
 
     @classmethod
@@ -236,9 +242,10 @@ class SamplerSpec:
 
 
 def summary_keys() -> tuple[str, ...]:
-    """The keys ``SamplerSpec.summary()`` writes (None in the record of a figure that sampled
-    nothing)."""
-    return ("sampler", "num_steps", *sampling.OPTIONS, "guidance", "guidance_interval")
+    """The keys every ``SamplerSpec.summary()`` writes, a sampler's own options aside (None in
+    the record of a figure that sampled nothing)."""
+    recorded = [name for name, option in sampling.OPTIONS.items() if option.recorded]
+    return ("sampler", "num_steps", *recorded, "guidance", "guidance_interval")
 
 
 # ----------------------------------------------------------------------------------------------

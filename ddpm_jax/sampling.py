@@ -1,4 +1,5 @@
-"""Reverse-process samplers: ancestral DDPM (Ho et al. 2020, Alg. 2) and DDIM (Song et al. 2021).
+"""Reverse-process samplers: ancestral DDPM (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021) and
+DPM-Solver++ multistep with its SDE variant (Lu et al. 2022b; the math in ``dpm_solver``).
 
 Each chain is one ``jax.lax.scan`` over its timesteps, so tracing cost does not grow with the
 number of steps and a jitted sampler compiles once. The model enters only as
@@ -22,12 +23,13 @@ must be concrete); pass params as an argument so they are not baked into the pro
 
 The samplers and their options are declared in ``SAMPLERS`` and ``OPTIONS``: the sampling settings
 (``sampler_spec.SamplerSpec``), the programs' flags and the configs' fields follow from them, so a
-new sampler is its step function and one entry in each table.
+new sampler is its step function (a multistep solver: its ``Chain``) and one entry in each table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, dpm_solver
 
 class Trajectory(NamedTuple):
     """Every k-th state of a chain: ``x_t`` [F, *shape] is the input of that step (frame 0 is
@@ -140,7 +142,9 @@ class Option:
     """A sampler option (a keyword of ``sample``, a field of ``SamplerSpec``, a flag of the sample
     and evaluate programs, a config field). ``default`` is the value a sampler that does not take
     the option holds it at (where it has no effect): only that value may be given to such a
-    sampler. ``in_name``: the value is part of the setting's directory name and description."""
+    sampler. ``in_name``: the value is part of the setting's directory name and description.
+    ``recorded``: every ``sampling.json`` and results record holds it, at its default where the
+    sampler does not take it; other options are recorded by the samplers that take them only."""
 
     kind: type  # float, int, str or bool
     default: Any
@@ -148,29 +152,100 @@ class Option:
     allowed_text: str  # what ``allowed`` accepts, for the error message
     help: str
     in_name: bool = True
+    recorded: bool = False
+
+
+class Chain(NamedTuple):
+    """A sampler's chain on one concrete schedule, built before anything is traced
+    (``make_chain``). Chain index i (``n - 1`` down to 0, step j = n - 1 - i) calls the model at
+    the original timestep ``timesteps[i]`` (ascending);
+    ``step(model_output, x, i, j, noise, state) -> (x_{i-1}, pred_x0, state)`` (i int32 [B], the
+    index into the schedule respaced to ``timesteps``; j a scalar); ``init(x_T)`` is the first
+    ``state`` (the carry a multistep sampler keeps: () for a one-step sampler); ``noisy``:
+    whether the step takes noise (else it gets None and none is drawn)."""
+
+    timesteps: np.ndarray
+    step: Callable[..., tuple[jax.Array, jax.Array, Any]]
+    init: Callable[[jax.Array], Any]
+    noisy: bool
 
 
 class Sampler(NamedTuple):
     """A sampler: its step ``step(sched, model_output, x, i, noise, *, mean_type, var_type,
-    clip_denoised, **options)`` -> (x_{i-1}, pred_x0), the ``OPTIONS`` it takes, and a check of
-    its options against the number of steps (raising ValueError), if it has one."""
+    clip_denoised, **options)`` -> (x_{i-1}, pred_x0), run on ``space_timesteps``' respaced
+    schedule, the ``OPTIONS`` it takes, and a check of its options against the schedule's length
+    and the number of steps (raising ValueError; either may be None: not known), if it has one.
+    A sampler that picks its own timesteps or keeps a state between steps (a multistep solver)
+    has ``chain(sched, num_steps, *, mean_type, var_type, clip_denoised, **options) -> Chain``
+    instead of ``step`` (None)."""
 
-    step: Callable[..., tuple[jax.Array, jax.Array]]
+    step: Callable[..., tuple[jax.Array, jax.Array]] | None
     options: tuple[str, ...]
     help: str
-    check: Callable[..., None] | None = None  # check(num_steps, **options)
+    check: Callable[..., None] | None = None  # check(num_timesteps, num_steps, **options)
+    chain: Callable[..., Chain] | None = None
+
+
+def _solver_chain(
+    sched: diffusion.Schedule, num_steps: int, *, mean_type: str, var_type: str,
+    clip_denoised: bool, order: int, spacing: str, sde: bool = False,
+) -> Chain:
+    """DPM-Solver++ (``sde``: DPM-Solver++ SDE) of ``order`` on ``dpm_solver.make_tables``'
+    timesteps: each step turns the model output into x̂_0 as the other samplers do (on the
+    schedule respaced to the solver's timesteps, clipped with ``clip_denoised``) and applies the
+    solver's affine update to x and the history of x̂_0 it carries. ``var_type`` has no meaning
+    here (the ODE adds no noise; the SDE's noise scale follows from λ) and is ignored."""
+    del var_type
+    tables = dpm_solver.make_tables(sched, num_steps, order=order, spacing=spacing, sde=sde)
+    timesteps = tables.timesteps[::-1]
+    chain_sched = respace(sched, timesteps)
+
+    def step(model_output, x, i, j, noise, history):
+        pred_x0 = _pred_x0(chain_sched, model_output, x, i, mean_type, clip_denoised)
+        x_next, history = dpm_solver.step(tables, j, x, pred_x0, history, noise)
+        return x_next, pred_x0, history
+
+    return Chain(timesteps, step, lambda x: dpm_solver.init_history(tables, x), sde)
+
+
+def _check_solver(num_timesteps: int | None, num_steps: int | None, *, sde: bool = False,
+                  **options: Any) -> None:
+    """``dpm_solver.check_solver_args`` (orders, the fewest and most steps) when the schedule's
+    length is known; a log-SNR spacing that repeats timesteps on the schedule is ``make_chain``'s
+    error (it needs the schedule itself)."""
+    if num_timesteps is not None:
+        dpm_solver.check_solver_args(num_timesteps, num_steps=num_steps, sde=sde, **options)
 
 
 OPTIONS = {
     "eta": Option(
         float, 0.0, lambda eta: eta >= 0, ">= 0",
         "DDIM eta: 0 deterministic, 1 ancestral sampling with fixedsmall variance",
-        in_name=False,  # directories and figures have not named it
+        in_name=False, recorded=True,  # as directories, files and records always had it
+    ),
+    "order": Option(
+        int, 2, lambda k: k in dpm_solver.ORDERS, "1, 2 or 3 (the SDE: 1 or 2)",
+        "DPM-Solver++ order: the number of past x_0 estimates a step uses; order k needs at "
+        "least 2k-1 steps",
+    ),
+    "spacing": Option(
+        str, "time", lambda s: s in dpm_solver.SPACINGS, " or ".join(dpm_solver.SPACINGS),
+        "DPM-Solver++ timesteps: evenly spaced in time, or in log-SNR, which allows fewer steps "
+        "(at most 38 on the linear 1000-step schedule)",
     ),
 }
+_SOLVER_OPTIONS = ("order", "spacing")
 SAMPLERS = {
     "ddpm": Sampler(_ddpm_step, (), "ancestral sampling (Ho et al. 2020, Alg. 2)"),
     "ddim": Sampler(_ddim_step, ("eta",), "DDIM (Song et al. 2021, eq. 12)"),
+    "dpm++": Sampler(
+        None, _SOLVER_OPTIONS, "DPM-Solver++ multistep (Lu et al. 2022b, Alg. 2)",
+        _check_solver, _solver_chain,
+    ),
+    "dpm++sde": Sampler(
+        None, _SOLVER_OPTIONS, "DPM-Solver++(2M) SDE (Lu et al. 2022b)",
+        functools.partial(_check_solver, sde=True), functools.partial(_solver_chain, sde=True),
+    ),
 }
 
 
@@ -230,13 +305,45 @@ def check_sampler_args(
     if num_steps is not None and num_timesteps is not None:
         space_timesteps(num_timesteps, num_steps)  # an integer in [1, T]
     if SAMPLERS[sampler].check is not None:
-        SAMPLERS[sampler].check(num_steps or num_timesteps, **resolved)  # steps, if known
+        SAMPLERS[sampler].check(num_timesteps, num_steps or num_timesteps, **resolved)
     return resolved
 
 
 # ----------------------------------------------------------------------------------------------
 # The chain.
 # ----------------------------------------------------------------------------------------------
+def make_chain(
+    sched: diffusion.Schedule,
+    *,
+    sampler: str = "ddpm",
+    num_steps: int | None = None,
+    var_type: str = "fixedlarge",
+    clip_denoised: bool = True,
+    mean_type: str = "eps",
+    **options: Any,
+) -> Chain:
+    """The ``Chain`` of ``sample``'s arguments on the concrete schedule ``sched`` (float64 NumPy,
+    nothing traced); raises ValueError for settings ``sample`` would reject, including those only
+    the schedule reveals (a log-SNR spacing that repeats timesteps)."""
+    options = check_sampler_args(
+        sched.num_timesteps, sampler=sampler, num_steps=num_steps, var_type=var_type, **options
+    )
+    settings = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+    build = SAMPLERS[sampler].chain
+    if build is not None:
+        return build(sched, num_steps or sched.num_timesteps, **settings, **options)
+    if num_steps is None:
+        timesteps = np.arange(sched.num_timesteps, dtype=np.int32)
+    else:
+        timesteps = space_timesteps(sched.num_timesteps, num_steps)
+        sched = respace(sched, timesteps)
+    one_step = functools.partial(SAMPLERS[sampler].step, sched, **settings, **options)
+
+    def step(model_output, x, i, j, noise, state):
+        del j
+        return (*one_step(model_output, x, i, noise), state)
+
+    return Chain(timesteps, step, lambda x: (), noisy=True)
 
 
 def sample(
@@ -258,61 +365,57 @@ def sample(
 
     ``sampler="ddpm"``: ancestral sampling (Alg. 2) with σ_t² = β_t ("fixedlarge") or β̃_t
     ("fixedsmall"). ``sampler="ddim"``: DDIM with ``eta`` (0: deterministic; 1: the ancestral
-    sampler with fixedsmall variance; it may be traced). ``options`` are the sampler's own
-    (``SAMPLERS``, ``OPTIONS``). ``num_steps=None`` runs all T steps; otherwise the chain runs on
-    ``space_timesteps(T, num_steps)`` with the respaced schedule.
+    sampler with fixedsmall variance; it may be traced). ``sampler="dpm++"``: DPM-Solver++ of
+    ``order`` 1-3 with ``spacing`` "time" or "logsnr" (``dpm_solver``; its last step returns
+    x̂_0), ``"dpm++sde"`` its SDE variant (order 1-2); both ignore ``var_type``. ``options`` are
+    the sampler's own (``SAMPLERS``, ``OPTIONS``). ``num_steps=None`` runs all T steps;
+    otherwise ddpm and ddim run on ``space_timesteps(T, num_steps)`` with the respaced schedule.
 
     x_T comes from ``split(rng)[0]``, the noise of chain index i (``num_steps - 1`` down to 0)
-    from ``fold_in(split(rng)[1], i)``; the last step adds none. With ``return_trajectory`` also
-    returns a ``Trajectory`` of every ``trajectory_every``-th step (default: about 10 frames).
+    from ``fold_in(split(rng)[1], i)`` (drawn only by samplers that use noise); the last step
+    adds none. With ``return_trajectory`` also returns a ``Trajectory`` of every
+    ``trajectory_every``-th step (default: about 10 frames).
     """
-    options = check_sampler_args(
-        sched.num_timesteps, sampler=sampler, num_steps=num_steps, var_type=var_type, **options
-    )
+    chain = make_chain(sched, sampler=sampler, num_steps=num_steps, var_type=var_type,
+                       clip_denoised=clip_denoised, mean_type=mean_type, **options)
     if len(shape) < 2:
         raise ValueError(f"shape must be [batch, ...] with at least 2 axes, got {shape}.")
-    if num_steps is None:
-        timesteps = np.arange(sched.num_timesteps, dtype=np.int32)
-    else:
-        timesteps = space_timesteps(sched.num_timesteps, num_steps)
-        sched = respace(sched, timesteps)
+    timesteps = chain.timesteps
     n = len(timesteps)
     every = max(1, n // 10) if trajectory_every is None else trajectory_every
     if every < 1:
         raise ValueError(f"trajectory_every must be a positive integer, got {trajectory_every}.")
     num_frames = math.ceil(n / every)
-    step_fn = SAMPLERS[sampler].step
     rng_init, rng_steps = jax.random.split(rng)
     batch = shape[0]
 
     def body(carry: tuple[Any, ...], j: jax.Array) -> tuple[tuple[Any, ...], None]:
-        x = carry[0]
+        x, state = carry[:2]
         i = n - 1 - j  # chain index, from the noisiest step down to 0
         i_batch = jnp.full((batch,), i, dtype=jnp.int32)
         t_model = jnp.full((batch,), jnp.asarray(timesteps)[i], dtype=jnp.int32)
-        noise = jax.random.normal(jax.random.fold_in(rng_steps, i), shape, jnp.float32)
-        x_prev, pred_x0 = step_fn(
-            sched, model_fn(x, t_model), x, i_batch, noise,
-            mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, **options,
-        )
+        noise = None
+        if chain.noisy:
+            noise = jax.random.normal(jax.random.fold_in(rng_steps, i), shape, jnp.float32)
+        x_prev, pred_x0, state = chain.step(model_fn(x, t_model), x, i_batch, j, noise, state)
         if not return_trajectory:
-            return (x_prev,), None
+            return (x_prev, state), None
         frame, keep = j // every, j % every == 0
         frames = tuple(
             jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, new, buf[frame]), frame, 0)
-            for buf, new in zip(carry[1:], (x, pred_x0), strict=True)
+            for buf, new in zip(carry[2:], (x, pred_x0), strict=True)
         )
-        return (x_prev, *frames), None
+        return (x_prev, state, *frames), None
 
     x_init = jax.random.normal(rng_init, shape, jnp.float32)
-    carry = (x_init,)
+    carry = (x_init, chain.init(x_init))
     if return_trajectory:
         carry += (jnp.zeros((num_frames, *shape), jnp.float32),) * 2
     carry, _ = jax.lax.scan(body, carry, jnp.arange(n, dtype=jnp.int32))
     if not return_trajectory:
         return carry[0]
     frame_timesteps = jnp.asarray(timesteps[::-1][::every])
-    return carry[0], Trajectory(x_t=carry[1], pred_x0=carry[2], timesteps=frame_timesteps)
+    return carry[0], Trajectory(x_t=carry[2], pred_x0=carry[3], timesteps=frame_timesteps)
 
 
 def check_guidance(guidance: float, null_class: bool) -> None:

@@ -31,10 +31,10 @@ SCHEMA = {
     "optim": {"lr", "warmup_steps", "grad_clip", "clip_groups", "b1", "b2", "eps"},
     "train": {"num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_period",
               "sample_every", "ema_decay", "steps_per_dispatch", "prng_impl"},
-    "sample": {"sampler", "num_steps", "eta", "clip_denoised", "num_images", "guidance",
-               "guidance_interval"},
+    "sample": {"sampler", "num_steps", "eta", "order", "spacing", "clip_denoised", "num_images",
+               "guidance", "guidance_interval"},
     "eval": {"every_steps", "metrics", "num_samples", "batch_size", "sampler", "num_steps", "eta",
-             "convention", "reference", "inception_weights", "keep_best"},
+             "order", "spacing", "convention", "reference", "inception_weights", "keep_best"},
 }
 
 

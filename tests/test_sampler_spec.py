@@ -107,12 +107,12 @@ def test_flags_and_config_fields_follow_the_declared_options():
 # Validation: one ValueError naming the field, the value and what is allowed.
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, message", [
-    (dict(sampler="euler"), "Unknown sampler 'euler'; choose one of ddpm, ddim."),
+    (dict(sampler="euler"), "Unknown sampler 'euler'; choose one of ddpm, ddim, dpm++, dpm++sde."),
     (dict(sampler="ddim", options={"eta": -1}), "eta=-1.0 is invalid for sampler 'ddim': eta "
      "must be >= 0"),
     (dict(options={"eta": 1}), "eta=1.0 is invalid for sampler 'ddpm', which takes no options: "
      "eta is only used by the 'ddim' sampler"),
-    (dict(options={"order": 2}), "Unknown sampler option order"),
+    (dict(options={"stages": 2}), "Unknown sampler option stages"),
     (dict(sampler="ddim", options={"eta": "1"}), "eta='1' is invalid: eta is a float, >= 0"),
     (dict(num_steps=0), "num_steps must be an integer in [1, 1000]"),
     (dict(num_steps=1001), "num_steps must be an integer in [1, 1000]"),
@@ -205,13 +205,19 @@ def test_sampling_json_of_earlier_versions():
 
 
 def test_results_record_keeps_its_keys():
-    """A results record's protocol: the keys of the code before SamplerSpec, None when the figure
-    sampled nothing (bits/dim)."""
+    """A results record's protocol: the keys of the code before SamplerSpec, a sampler's own
+    options declared since (DPM-Solver++'s) only in its records, None when the figure sampled
+    nothing (bits/dim)."""
     spec = SamplerSpec(1000, sampler="ddim", num_steps=2)
     record = evaluation.Protocol(num_samples=10, spec=spec, checkpoint_step=5).to_json()
     assert record == dict(num_samples=10, sampler="ddim", num_steps=2, eta=0.0, guidance=0.0,
                           guidance_interval=None, checkpoint_step=5, convention=None,
                           reference=None, reference_images=None)
+    solver = SamplerSpec(1000, sampler="dpm++", num_steps=20, options={"order": 3})
+    record = evaluation.Protocol(num_samples=10, spec=solver, checkpoint_step=5).to_json()
+    assert (record["eta"], record["order"], record["spacing"]) == (0.0, 3, "time")
+    assert evaluation.Protocol.from_json(record).spec == dataclasses.replace(
+        solver, num_timesteps=None)
     bpd = evaluation.Protocol(num_samples=10, reference="mnist5k:test").to_json()
     assert {k: bpd[k] for k in sampler_spec.summary_keys()} == dict.fromkeys(
         ("sampler", "num_steps", "eta", "guidance", "guidance_interval"))
@@ -221,54 +227,55 @@ def test_results_record_keeps_its_keys():
 # ----------------------------------------------------------------------------------------------
 # A new sampler: declared in sampling.SAMPLERS and sampling.OPTIONS, nothing else.
 # ----------------------------------------------------------------------------------------------
-def _fake_step(sched, model_output, x, i, noise, *, order, **kw):
-    del order
+def _fake_step(sched, model_output, x, i, noise, *, stages, **kw):
+    del stages
     return sampling.SAMPLERS["ddpm"].step(sched, model_output, x, i, noise, **kw)
 
 
-def _check_order(num_steps, *, order):
-    if num_steps < order:
-        raise ValueError(f"order={order} needs at least {order} steps, got {num_steps}.")
+def _check_stages(num_timesteps, num_steps, *, stages):
+    del num_timesteps
+    if num_steps < stages:
+        raise ValueError(f"stages={stages} needs at least {stages} steps, got {num_steps}.")
 
 
 @pytest.fixture
 def fake_sampler(monkeypatch):
-    monkeypatch.setitem(sampling.OPTIONS, "order", sampling.Option(
-        int, 2, lambda k: 1 <= k <= 3, "1, 2 or 3", "solver order"))
+    monkeypatch.setitem(sampling.OPTIONS, "stages", sampling.Option(
+        int, 2, lambda k: 1 <= k <= 3, "1, 2 or 3", "solver stages"))
     monkeypatch.setitem(sampling.SAMPLERS, "fake", sampling.Sampler(
-        _fake_step, ("order",), "ancestral sampling with an order", _check_order))
+        _fake_step, ("stages",), "ancestral sampling with stages", _check_stages))
 
 
 def test_a_new_sampler_needs_only_its_declaration(fake_sampler):
     config = _default.get_config()
     sampler_spec.add_option_fields(config.sample, inherit=False)
-    assert config.sample.order == 2
-    values = parse_flags("--sampler=fake", "--steps=20", "--order=3")
+    assert config.sample.stages == 2
+    values = parse_flags("--sampler=fake", "--steps=20", "--stages=3")
     spec = sampler_spec.from_flags(config, values)
-    assert spec.options == (("order", 3),)
+    assert spec.options == (("stages", 3),)
     assert (spec.name(), spec.tag(), spec.describe()) == (
-        "fake_20_order3", "fake20_order3", "fake 20 steps, order 3")
-    assert spec.to_json()["order"] == 3 and spec.to_json()["eta"] == 0.0
+        "fake_20_stages3", "fake20_stages3", "fake 20 steps, stages 3")
+    assert spec.to_json()["stages"] == 3 and spec.to_json()["eta"] == 0.0
     assert SamplerSpec.from_json(spec.to_json(), 1000) == spec
-    assert sampler_spec.from_config(config, {"sampler": "fake"}).option("order") == 2
+    assert sampler_spec.from_config(config, {"sampler": "fake"}).option("stages") == 2
     # An older file without the new option still reads, as its default.
-    old = {k: v for k, v in SamplerSpec(1000).to_json().items() if k != "order"}
+    old = {k: v for k, v in SamplerSpec(1000).to_json().items() if k != "stages"}
     assert SamplerSpec.from_json(old, 1000) == SamplerSpec(1000)
-    with pytest.raises(ValueError, match="order=3 is invalid for sampler 'ddim', which takes the "
-                       "options eta: order is only used by the 'fake' sampler"):
-        sampler_spec.from_flags(config, parse_flags("--sampler=ddim", "--order=3"))
-    with pytest.raises(ValueError, match="order=4 is invalid for sampler 'fake': order must be "
+    with pytest.raises(ValueError, match="stages=3 is invalid for sampler 'ddim', which takes the "
+                       "options eta: stages is only used by the 'fake' sampler"):
+        sampler_spec.from_flags(config, parse_flags("--sampler=ddim", "--stages=3"))
+    with pytest.raises(ValueError, match="stages=4 is invalid for sampler 'fake': stages must be "
                        "1, 2 or 3"):
-        SamplerSpec(1000, sampler="fake", options={"order": 4})
-    with pytest.raises(ValueError, match="order=3 needs at least 3 steps, got 2"):
-        SamplerSpec(1000, sampler="fake", num_steps=2, options={"order": 3})
+        SamplerSpec(1000, sampler="fake", options={"stages": 4})
+    with pytest.raises(ValueError, match="stages=3 needs at least 3 steps, got 2"):
+        SamplerSpec(1000, sampler="fake", num_steps=2, options={"stages": 3})
     # The chain runs it with its option.
     sched = diffusion.make_schedule("linear", 1000)
     model_fn = lambda x, t: 0.1 * x  # noqa: E731
     draw = lambda **kw: sampling.sample(model_fn, sched, jax.random.key(0),  # noqa: E731
                                         (2, 3, 3, 1), **kw)
     kw = spec.chain_kwargs()
-    assert kw["order"] == 3
-    ddpm = {k: v for k, v in kw.items() if k != "order"} | {"sampler": "ddpm"}
+    assert kw["stages"] == 3
+    ddpm = {k: v for k, v in kw.items() if k != "stages"} | {"sampler": "ddpm"}
     np.testing.assert_array_equal(draw(**kw), draw(**ddpm))  # the fake step is DDPM's
-    assert jnp.all(jnp.isfinite(draw(sampler="fake", num_steps=5, order=1)))
+    assert jnp.all(jnp.isfinite(draw(sampler="fake", num_steps=5, stages=1)))
