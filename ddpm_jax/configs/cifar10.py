@@ -36,7 +36,9 @@ seconds).
 The K-step scan: XLA's cost analysis counts a loop body once (checked on XLA:CPU and XLA:TPU),
 so the report's per-step figures are right; the scan raises XLA's "bytes accessed" per step
 (float32: 10.8 GB at K=1, 15.6 GB at K=2; bfloat16: 10.8 at K=1, 15.2 at K=500), which is
-on-chip memory traffic by the compiled HLO's memory spaces (benchmarks/RESULTS.md).
+on-chip memory traffic as far as measured (the tiny config's HBM per step is the same at K=1
+and K=2; the like-for-like HBM comparison on this model is still to be compiled;
+benchmarks/RESULTS.md).
 """
 
 import ml_collections
