@@ -184,7 +184,9 @@ FIELDS: tuple[Field, ...] = (
     Field("model.remat", str, "the rematerialisation policy", choices=tuple(unet.REMAT_POLICIES)),
     # diffusion
     Field("diffusion.schedule", str, "the β schedule", choices=diffusion.SCHEDULES),
-    Field("diffusion.num_timesteps", int, "T, the length of the diffusion", low=1),
+    # At most 100,000: its tables are float64 arrays of T entries, built by every program at
+    # start (1e9 steps would need gigabytes before any check could finish).
+    Field("diffusion.num_timesteps", int, "T, the length of the diffusion", low=1, high=100_000),
     Field("diffusion.beta_start", float, "β_1, the first noise variance", low=0.0, high=1.0,
           low_open=True),
     Field("diffusion.beta_end", float, "β_T, the last noise variance", low=0.0, high=1.0,

@@ -219,7 +219,7 @@ def _check_solver(num_timesteps: int | None, num_steps: int | None, *, sde: bool
 
 OPTIONS = {
     "eta": Option(
-        float, 0.0, lambda eta: eta >= 0, ">= 0",
+        float, 0.0, lambda eta: 0 <= eta < math.inf, ">= 0 (finite)",
         "DDIM eta: 0 deterministic, 1 ancestral sampling with fixedsmall variance",
         in_name=False, recorded=True,  # as directories, files and records always had it
     ),

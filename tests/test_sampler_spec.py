@@ -29,7 +29,9 @@ RUN_KEYS = ("batch_size", "checkpoint_step", "image_shape", "key_stream", "mean_
 
 
 def guided_config():
-    return mnist5k.get_config()  # class-conditional, p_uncond 0.1, guidance 0.5, 50 steps
+    config = mnist5k.get_config()  # class-conditional, p_uncond 0.1, guidance 0.5
+    config.sample.sampler, config.sample.num_steps = "ddpm", 50  # its grid before DPM-Solver++
+    return config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +112,8 @@ def test_flags_and_config_fields_follow_the_declared_options():
     (dict(sampler="euler"), "Unknown sampler 'euler'; choose one of ddpm, ddim, dpm++, dpm++sde."),
     (dict(sampler="ddim", options={"eta": -1}), "eta=-1.0 is invalid for sampler 'ddim': eta "
      "must be >= 0"),
+    (dict(sampler="ddim", options={"eta": float("nan")}), "eta=nan is invalid for sampler 'ddim'"),
+    (dict(sampler="ddim", options={"eta": float("inf")}), "eta=inf is invalid for sampler 'ddim'"),
     (dict(options={"eta": 1}), "eta=1.0 is invalid for sampler 'ddpm', which takes no options: "
      "eta is only used by the 'ddim' sampler"),
     (dict(options={"stages": 2}), "Unknown sampler option stages"),
