@@ -47,7 +47,7 @@ def corrupt_folder(tmp_path_factory):
     (["ddpm_jax.sample", "--workdir={tmp}/missing"],
      "ddpm_jax.sample: error: Checkpoint path {tmp}/missing does not exist."),
     (["ddpm_jax.sample", "--workdir={tmp}", "--sampler=bogus"],
-     "flag --sampler=bogus: value should be one of <ddpm|ddim>"),
+     "flag --sampler=bogus: value should be one of <ddpm|ddim|dpm++|dpm++sde>"),
     (["ddpm_jax.evaluate", "--workdir={tmp}", "--metrics=fid,foo"],
      "ddpm_jax.evaluate: error: Unknown metrics ['foo']: choose from fid, is, kid, digits, bpd."),
     (["ddpm_jax.evaluate", "--samples={tmp}/none.npz", "--metrics=digits"],

@@ -262,7 +262,7 @@ def test_an_installed_wheel_trains_by_default_and_finds_the_configs_by_name(tmp_
 
     result = run(sys.executable, "-m", "ddpm_jax.train", "--config.train.num_steps=2",
                  "--config.train.log_every=1", "--config.eval.every_steps=0",
-                 "--config.sample.num_images=4", "--config.sample.num_steps=2",
+                 "--config.sample.num_images=4", "--config.sample.num_steps=3",
                  f"--config.data.data_dir={tmp_path / 'tfds'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2/2" in result.stderr

@@ -315,7 +315,7 @@ def test_default_command_runs_from_any_directory(tmp_path, subprocess_env):
     offline dataset built into the ``data_dir`` given on the command line."""
     data_dir = tmp_path / "tfds"
     overrides = ["--config.train.num_steps=2", "--config.train.log_every=1",
-                 "--config.sample.num_images=4", "--config.sample.num_steps=2",
+                 "--config.sample.num_images=4", "--config.sample.num_steps=3",
                  f"--config.data.data_dir={data_dir}"]
     env = dict(subprocess_env)  # the CPU as it is: no fake device count
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env["XLA_FLAGS"])
