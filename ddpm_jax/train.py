@@ -97,11 +97,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _quiet_orbax_info_logs()
-    # Every field but the device relations, which train_and_evaluate checks once devices exist.
-    config_checks.check_config(_CONFIG.value, "train")
-    # Both must happen before anything touches the devices.
+    # Both must happen before anything touches the devices (the config check below builds the
+    # sampler's schedule tables as JAX arrays).
     if not parallel.initialize(_DISTRIBUTED.value):
         parallel.split_cpu_into_devices(_CONFIG.value.data.batch_size, _CPU_DEVICES.value)
+    # Every field but the device relations, which train_and_evaluate checks once devices exist;
+    # before the workdir is written.
+    config_checks.check_config(_CONFIG.value, "train")
     cache.enable_compilation_cache()
     workdir = _WORKDIR.value or os.path.join("runs", default_run_name(flags.FLAGS["config"]))
     logging.info(
