@@ -160,19 +160,16 @@ class SamplerSpec:
         """``<sampler>_<steps>[_<option><value>...][_w<w>[_t<t_min>-<t_max>]][_<labels>]``, e.g.
         ``ddim_100_w2_t500-999_grid``: the sample directory ``samples_<name>`` holds the chunks
         of this setting only (random labels and options that are not ``in_name`` are unnamed)."""
-        parts = [self.sampler, str(self.steps)]
-        parts += [f"{k}{_text(v)}" for k, v in self._named_options()]
-        if self.guidance:
-            parts.append(self.guidance_name())
-        if self.labels != "random":
-            parts.append(self._labels_name())
-        return "_".join(parts)
+        return self._joined_name([self.sampler, str(self.steps)])
 
     def tag(self) -> str:
         """``<sampler><steps>[_<option><value>...][_w<w>[_t<t_min>-<t_max>]][_<labels>]``, e.g.
         ``ddpm1000`` or ``ddim100_w0.5``: the sampling part of a result's name."""
-        parts = [f"{self.sampler}{self.steps}"]
-        parts += [f"{k}{_text(v)}" for k, v in self._named_options()]
+        return self._joined_name([f"{self.sampler}{self.steps}"])
+
+    def _joined_name(self, head: list[str]) -> str:
+        """``head`` then the named options, the guidance and non-random labels, joined by '_'."""
+        parts = head + [f"{k}{_text(v)}" for k, v in self._named_options()]
         if self.guidance:
             parts.append(self.guidance_name())
         if self.labels != "random":
